@@ -1,0 +1,314 @@
+"""The ``digest`` command line: parse, call one function, print.
+
+Results go to stdout, errors and progress to stderr. Every :class:`DigestError` is caught
+once, in :class:`DigestGroup`, printed as one line, and turned into its exit code:
+0 success, 1 the work partly failed (a feed, a row, a delivery), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from digest import pipeline
+from digest.config import Config, default_config_path, load_config
+from digest.errors import DigestError
+
+
+class DigestGroup(click.Group):
+    """A click group that turns DigestError into a one-line message and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DigestError as exc:
+            click.echo(f"digest: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+class Obj:
+    """Lazily loaded config, so ``--help`` works without one."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.path)
+        return self._config
+
+    def app(self) -> pipeline.App:
+        return pipeline.open_app(self.config)
+
+
+pass_obj = click.make_pass_decorator(Obj)
+
+
+def _date(value: str | None, config: Config) -> date:
+    if value is None:
+        return pipeline.today(config)
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date; use YYYY-MM-DD", param_hint="--date") from None
+
+
+@click.group(cls=DigestGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"Config file (default: $DIGEST_CONFIG, then ./{default_config_path().name}).",
+)
+@click.version_option(package_name="digest")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """digest: the weekly round-up newsletter.
+
+    \b
+    Typical week:
+      digest init                      # once: create the database
+      digest subscribers import        # [[subscribers]] from the config, or a CSV
+      digest fetch                     # pull the feeds (the scheduler does this hourly)
+      digest preview --out issue.html  # look before you send
+      digest send                      # send today's round-up (safe to re-run)
+      digest run                       # or let the scheduler do all of it
+    """
+    ctx.obj = Obj(config_path)
+
+
+@main.command()
+@pass_obj
+def init(obj: Obj) -> None:
+    """Create or upgrade the database schema (safe to run again).
+
+    Example: digest --config config.toml init
+    """
+    rev = pipeline.init_db(obj.config)
+    click.echo(f"database ready at schema revision {rev}: {_db_label(obj.config)}")
+
+
+def _db_label(config: Config) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(config.database.url).render_as_string(hide_password=True)
+
+
+@main.command()
+@pass_obj
+def fetch(obj: Obj) -> None:
+    """Fetch every [[feeds]] entry into the article store.
+
+    Exit 1 when a feed could not be fetched or parsed (the others are still stored).
+
+    Example: digest fetch
+    """
+    from digest.ingest import FeedReport
+
+    def progress(r: FeedReport) -> None:
+        if r.error:
+            click.echo(f"digest: feed {r.feed}: {r.error}", err=True)
+        for rej in r.rejected:
+            click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
+
+    report = pipeline.fetch(obj.app(), progress=progress)
+    for r in report.feeds:
+        state = "error" if r.error else ("not modified" if r.not_modified else "ok")
+        click.echo(f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected")
+    click.echo(f"total: {report.new} new, {report.updated} updated, {report.rejected} rejected")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group()
+def subscribers() -> None:
+    """Import, list and export subscribers."""
+
+
+@subscribers.command("import")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@pass_obj
+def subscribers_import(obj: Obj, path: Path | None) -> None:
+    """Import subscribers from a .toml ([[subscribers]]) or .csv (email,name,regions) file.
+
+    Without PATH, imports the config file's own [[subscribers]]. Idempotent; never
+    re-subscribes someone who unsubscribed. Exit 1 when some rows were rejected (the
+    valid ones are still imported).
+
+    Example: digest subscribers import readers.csv
+    """
+    from digest.subscribers import import_path
+
+    config = obj.config
+    app = obj.app()
+    source = path if path is not None else config.path
+    assert source is not None
+    report = import_path(app.sessions, source, config.newsletter.regions, datetime.now(UTC))
+    for row in report.rejected:
+        click.echo(f"digest: {source.name}: {row.line}: rejected {row.value}: {row.reason}", err=True)
+    click.echo(
+        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
+    )
+    if report.rejected:
+        sys.exit(1)
+
+
+@subscribers.command("list")
+@pass_obj
+def subscribers_list(obj: Obj) -> None:
+    """List subscribers: email, status, regions, name.
+
+    Example: digest subscribers list
+    """
+    from digest import store
+
+    with obj.app().sessions() as session:
+        for s in store.iter_subscribers(session):
+            regions = ";".join(s.regions) if s.regions is not None else "(all)"
+            click.echo(f"{s.email}\t{s.status}\t{regions}\t{s.name}")
+
+
+@subscribers.command("export")
+@pass_obj
+def subscribers_export(obj: Obj) -> None:
+    """Write every subscriber as CSV (email,name,regions,status) to stdout.
+
+    Example: digest subscribers export > backup.csv
+    """
+    from digest.subscribers import export_csv
+
+    with obj.app().sessions() as session:
+        export_csv(session, sys.stdout)
+
+
+@main.command()
+@click.argument("email")
+@pass_obj
+def unsubscribe(obj: Obj, email: str) -> None:
+    """Unsubscribe EMAIL (idempotent).
+
+    Example: digest unsubscribe reader@example.org
+    """
+    from digest.errors import UsageError
+    from digest.subscribers import normalize_email
+    from digest.subscribers import unsubscribe as do_unsubscribe
+
+    try:
+        addr = normalize_email(email)
+    except ValueError as exc:
+        raise UsageError(f"{email!r} is not an email address: {exc}") from None
+    with obj.app().sessions() as session:
+        changed = do_unsubscribe(session, addr, datetime.now(UTC))
+        session.commit()
+    click.echo(f"{addr}: unsubscribed" if changed else f"{addr}: already unsubscribed or not on the list")
+
+
+@main.command()
+@click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
+@click.option("--subscriber", metavar="EMAIL", help="Render that subscriber's edition.")
+@click.option("--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@pass_obj
+def preview(obj: Obj, date_str: str | None, subscriber: str | None, fmt: str, out: Path | None) -> None:
+    """Render exactly what `send` would send for a date; sends and records nothing.
+
+    Example: digest preview --date 2026-11-27 --out roundup.html
+    """
+    config = obj.config
+    data = pipeline.preview(obj.app(), _date(date_str, config), subscriber, fmt)  # type: ignore[arg-type]
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        out.write_bytes(data)
+        click.echo(f"wrote {out} ({len(data)} bytes)", err=True)
+
+
+@main.command()
+@click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
+@click.option("--dry-run", is_flag=True, help="Count what would be sent; send and record nothing.")
+@pass_obj
+def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
+    """Build (once) and send a date's round-up to every active subscriber not yet served.
+
+    Safe to re-run: the delivery ledger sends nothing twice. Exit 1 when a delivery
+    failed permanently or the SMTP server could not be used.
+
+    Example: digest send --date 2026-11-27
+    """
+    config = obj.config
+    edition = _date(date_str, config)
+    app = obj.app()
+    last = [0.0]
+
+    def progress(stats: pipeline.SendStats) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= 2:
+            last[0] = now
+            click.echo(f"  … {stats.sent} sent, {stats.failed} failed, {stats.retries} retried", err=True)
+
+    report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
+    click.echo(f"round-up {report.edition_date}: {report.subject}")
+    if report.dry_run:
+        click.echo(f"dry run: would send {report.would_send} messages in {report.editions} editions, "
+                   f"skip {report.stats.skipped} (empty edition); nothing sent")
+        return
+    s, c = report.stats, report.counts
+    click.echo(f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
+               f"{s.retries} retries, {report.editions} editions rendered")
+    click.echo(f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
+               f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending")
+    if c["deferred"]:
+        click.echo(f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
+                   "again later (the scheduler retries on its own)", err=True)
+    if c["failed"]:
+        click.echo(f"digest: {c['failed']} deliveries failed permanently; see "
+                   f"`digest deliveries --failed --date {edition}`", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--limit", default=10, show_default=True, help="How many recent issues.")
+@pass_obj
+def status(obj: Obj, limit: int) -> None:
+    """Recent issues with sent/deferred/failed/skipped/pending counts, and subscribers.
+
+    Example: digest status
+    """
+    report = pipeline.status(obj.app(), limit)
+    subs = report.subscribers
+    click.echo(f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} unsubscribed, "
+               f"{subs.get('bounced', 0)} bounced; articles stored: {report.articles}")
+    if not report.issues:
+        click.echo("no issues yet")
+    for row in report.issues:
+        c = row.counts
+        click.echo(f"{row.edition_date}  {row.status:<8} sent {c['sent']}, deferred {c['deferred']}, "
+                   f"failed {c['failed']}, skipped {c['skipped']}, pending {c['pending'] + c['sending']}"
+                   f"  {row.subject}")
+
+
+@main.command()
+@pass_obj
+def run(obj: Obj) -> None:
+    """Run the scheduler in the foreground: fetch every N minutes, send on the cron.
+
+    Stops cleanly on Ctrl-C or SIGTERM.
+
+    Example: digest --config /etc/digest/config.toml run
+    """
+    from digest.schedule import run_scheduler
+
+    config = obj.config
+    obj.app()  # fail now, not at 09:00 on Friday, if the database is not initialised
+    run_scheduler(config, log=lambda m: click.echo(m, err=True))

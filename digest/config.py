@@ -1,0 +1,332 @@
+"""The typed configuration, loaded once at the edge.
+
+``load_config(path)`` is the only place that reads the config file or the environment
+(``DIGEST_CONFIG``, ``password_env``, ``secret_env``); every other module receives a
+:class:`Config`. Every error names the file and the key, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import tzinfo
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from digest.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "config.toml"
+CONFIG_ENV = "DIGEST_CONFIG"
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Publication(_Section):
+    name: str
+    url: str
+    postal_address: str
+
+
+class Newsletter(_Section):
+    title: str
+    sender: str
+    reply_to: str | None = None
+    regions: list[str] = Field(min_length=1)
+    catch_all: str = "Also this week"
+    lookback_days: int = Field(default=7, ge=1, le=366)
+    max_per_region: int = Field(default=5, ge=1, le=100)
+    subject: str | None = None
+    templates_dir: Path | None = None
+
+    @field_validator("regions")
+    @classmethod
+    def _unique_regions(cls, regions: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for region in regions:
+            key = region.strip().casefold()
+            if not key:
+                raise ValueError("region names must not be empty")
+            if key in seen:
+                raise ValueError(f"region {region!r} is listed twice")
+            seen.add(key)
+        return [r.strip() for r in regions]
+
+    @field_validator("sender", "reply_to")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from email.utils import parseaddr
+
+        _, addr = parseaddr(value)
+        if "@" not in addr or any(c in value for c in "\r\n"):
+            raise ValueError(f"{value!r} is not an address; write it as 'Name <user@example.org>'")
+        return value
+
+
+class Database(_Section):
+    url: str = "sqlite:///digest.db"
+
+
+class SMTP(_Section):
+    host: str = "localhost"
+    port: int = Field(default=25, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    concurrency: int = Field(default=4, ge=1, le=100)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    # RFC 5321 4.5.3.2.6: a client should wait 10 minutes for the reply to the final ".";
+    # giving up earlier is what turns a slow server into duplicate deliveries.
+    data_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    retry_base_seconds: float = Field(default=2.0, ge=0)
+
+
+class Schedule(_Section):
+    send_cron: str = "0 9 * * fri"
+    timezone: str = "UTC"
+    fetch_interval_minutes: int = Field(default=60, ge=1)
+    misfire_grace_hours: float = Field(default=12, ge=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; use an IANA name such as 'Europe/London'"
+            ) from None
+        return value
+
+    @field_validator("send_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        try:
+            CronTrigger.from_crontab(crontab_for_apscheduler(value), timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(
+                f"{value!r} is not a cron expression ({exc}); write five fields, "
+                "e.g. '0 9 * * fri' for Fridays at 09:00"
+            ) from None
+        return value
+
+    @property
+    def tz(self) -> tzinfo:
+        """The schedule's time zone."""
+        return ZoneInfo(self.timezone)
+
+    def cron_trigger(self) -> CronTrigger:
+        """The APScheduler trigger for ``send_cron`` in ``timezone``."""
+        return CronTrigger.from_crontab(crontab_for_apscheduler(self.send_cron), timezone=self.tz)
+
+
+class Unsubscribe(_Section):
+    base_url: str
+    secret: str | None = None
+    secret_env: str | None = None
+    mailto: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL where `digest serve` is reachable")
+        return value.rstrip("/")
+
+
+class Feed(_Section):
+    url: str
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this feed."""
+        return self.name or self.url
+
+
+class SubscriberEntry(_Section):
+    email: str
+    name: str | None = None
+    regions: list[str] | None = None
+
+
+class DKIM(_Section):
+    domain: str
+    selector: str
+    private_key_path: Path | None = None
+    private_key_env: str | None = None
+
+
+class Config(_Section):
+    """The whole configuration; see ``config.example.toml`` for every key."""
+
+    publication: Publication
+    newsletter: Newsletter
+    database: Database = Database()
+    smtp: SMTP = SMTP()
+    schedule: Schedule = Schedule()
+    unsubscribe: Unsubscribe
+    feeds: list[Feed] = []
+    subscribers: list[SubscriberEntry] = []
+    dkim: DKIM | None = None
+    # Set by load_config, not by the file: where relative paths were resolved and secrets
+    # read from the environment at load time.
+    path: Path | None = None
+    smtp_password: str | None = None
+    unsubscribe_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _subscriber_regions(self) -> Config:
+        known = {r.casefold() for r in self.newsletter.regions}
+        for i, sub in enumerate(self.subscribers):
+            for region in sub.regions or []:
+                if region.strip().casefold() not in known:
+                    raise ValueError(
+                        f"subscribers[{i}].regions: {region!r} is not in newsletter.regions "
+                        f"({', '.join(self.newsletter.regions)})"
+                    )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths resolve against."""
+        return self.path.parent if self.path else Path.cwd()
+
+
+# --- crontab dialect -------------------------------------------------------------------
+
+_DOW_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def crontab_for_apscheduler(expr: str) -> str:
+    """Translate a standard crontab expression to APScheduler 3's dialect.
+
+    APScheduler 3 numbers weekdays from Monday = 0, while crontab numbers them from
+    Sunday = 0 (7 is Sunday too). An editor who writes ``0 9 * * 5`` means Friday, so
+    numeric weekdays are rewritten as names, which both dialects read the same way.
+    """
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"expected 5 fields, got {len(fields)}")
+    fields[4] = re.sub(
+        r"(?<![/\d])([0-7])(?!\d)",
+        lambda m: _DOW_NAMES[int(m.group(1))],
+        fields[4],
+    )
+    return " ".join(fields)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    """``$DIGEST_CONFIG`` if set, else ``./config.toml``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    # Lists appear as ("feeds", 0, "url"); show them as feeds[0].url.
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        return f"unknown key '{key}': remove it or check its spelling in [{section}]"
+    if kind == "missing":
+        return f"missing key '{key}': add it (see config.example.toml)"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
+        return f"key '{key}': {msg} (got {error['input']!r})" if key else msg
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read, validate and resolve the configuration file.
+
+    Relative file paths (feeds, SQLite databases, DKIM keys, templates) resolve against
+    the config file's folder; ``password_env`` and ``secret_env`` are read here.
+    """
+    cfg_path = Path(path) if path is not None else default_config_path()
+    try:
+        raw = cfg_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{cfg_path}: no such config file; copy config.example.toml to {cfg_path} "
+            f"or pass --config PATH (or set ${CONFIG_ENV})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{cfg_path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from None
+    for private in ("path", "smtp_password", "unsubscribe_secret"):
+        if private in data:
+            raise ConfigError(f"{cfg_path}: unknown key '{private}': remove it")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{cfg_path}: {_describe(dict(first))}") from None
+    return _resolve(config, cfg_path.resolve())
+
+
+def _resolve(config: Config, path: Path) -> Config:
+    base = path.parent
+
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base / p)
+
+    feeds = [
+        f if re.match(r"^https?://", f.url, re.I) else f.model_copy(update={"url": str(rel(Path(f.url)))})
+        for f in config.feeds
+    ]
+    db_url = config.database.url
+    m = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", db_url)
+    if m and m.group(2) != ":memory:":
+        db_url = m.group(1) + str(base / m.group(2))
+    newsletter = config.newsletter.model_copy(
+        update={"templates_dir": rel(config.newsletter.templates_dir)}
+    )
+    dkim = config.dkim
+    if dkim is not None:
+        dkim = dkim.model_copy(update={"private_key_path": rel(dkim.private_key_path)})
+
+    password = None
+    if config.smtp.password_env:
+        password = os.environ.get(config.smtp.password_env)
+    secret = config.unsubscribe.secret
+    if config.unsubscribe.secret_env:
+        secret = os.environ.get(config.unsubscribe.secret_env) or secret
+    return config.model_copy(
+        update={
+            "path": path,
+            "feeds": feeds,
+            "database": Database(url=db_url),
+            "newsletter": newsletter,
+            "dkim": dkim,
+            "smtp_password": password,
+            "unsubscribe_secret": secret or None,
+        }
+    )

@@ -1,0 +1,96 @@
+"""The one exception tree of digest.
+
+Everything digest raises on purpose derives from :class:`DigestError`; the CLI catches it
+once, prints ``str(error)`` as a one-line message on stderr and exits with ``exit_code``.
+Third-party errors (SQLAlchemy, aiosmtplib, httpx, feedparser, TOML) are translated into
+these at the module that talks to the library, so nothing above ``send.py`` imports
+aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions::
+
+    DigestError                      exit 1 unless noted
+    ├── ConfigError                  exit 2: bad or missing configuration (names the key)
+    ├── UsageError                   exit 2: a bad command-line value or input file
+    ├── DatabaseError                the database cannot be opened, migrated or queried
+    ├── FeedError                    one feed could not be fetched or parsed
+    ├── RenderError                  a template is missing or does not compile
+    ├── TokenError                   an unsubscribe token is malformed, tampered or foreign
+    ├── NothingToSend                the week has no articles (run ``digest fetch``)
+    ├── SendInProgress               another ``digest send`` holds this issue
+    └── DeliveryError                one SMTP delivery went wrong
+        ├── TransientDeliveryError   4xx reply, dropped connection, timeout: retry later
+        │   └── AmbiguousDeliveryError  the reply to the final "." never came
+        ├── PermanentDeliveryError   5xx reply to RCPT or DATA: do not retry
+        └── SMTPUnavailableError     cannot connect or log in at all: abort the run
+"""
+
+from __future__ import annotations
+
+
+class DigestError(Exception):
+    """Base of every error digest raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(DigestError):
+    """The configuration file is missing, malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class UsageError(DigestError):
+    """A command-line value or an input file given on the command line is unusable."""
+
+    exit_code = 2
+
+
+class DatabaseError(DigestError):
+    """The article store could not be opened, migrated or queried."""
+
+
+class FeedError(DigestError):
+    """A feed could not be fetched or parsed."""
+
+
+class RenderError(DigestError):
+    """A template is missing or fails to render."""
+
+
+class TokenError(DigestError):
+    """An unsubscribe token does not verify."""
+
+
+class NothingToSend(DigestError):
+    """The selected week holds no articles."""
+
+
+class SendInProgress(DigestError):
+    """Another sender holds the lock for this issue."""
+
+
+class DeliveryError(DigestError):
+    """One message could not be handed to the SMTP server.
+
+    ``code`` is the SMTP reply code (0 when there was no reply) and ``reply`` the server's
+    text, stored in the ledger's ``last_error``.
+    """
+
+    def __init__(self, message: str, code: int = 0, reply: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reply = reply
+
+
+class TransientDeliveryError(DeliveryError):
+    """A 4xx reply, a dropped connection or a timeout: the message may be retried."""
+
+
+class AmbiguousDeliveryError(TransientDeliveryError):
+    """The server never answered the final ".": the message may have been delivered."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A 5xx reply to RCPT or DATA: retrying will not help."""
+
+
+class SMTPUnavailableError(DeliveryError):
+    """The SMTP server refuses connections or credentials: the whole run stops."""

@@ -1,0 +1,171 @@
+"""SQLAlchemy 2.0 tables of the article store, the subscriber list and the delivery ledger.
+
+No business logic here; queries live in ``store.py``. Schema changes go through Alembic
+migrations in ``digest/migrations``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and always returned timezone-aware.
+
+    SQLite keeps no time zone; storing naive UTC everywhere keeps comparisons in SQL
+    correct on both SQLite and PostgreSQL.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+class SubscriberStatus(enum.StrEnum):
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+
+
+class IssueStatus(enum.StrEnum):
+    READY = "ready"
+    SENDING = "sending"
+    SENT = "sent"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class FeedState(Base):
+    """What we remember about a feed between fetches (conditional GET validators)."""
+
+    __tablename__ = "feeds"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048), unique=True)
+    etag: Mapped[str | None] = mapped_column(String(512))
+    last_modified: Mapped[str | None] = mapped_column(String(128))
+    last_fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Article(Base):
+    __tablename__ = "articles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    link: Mapped[str] = mapped_column(String(2048), unique=True)
+    guid: Mapped[str | None] = mapped_column(String(2048), index=True)
+    title: Mapped[str] = mapped_column(Text)
+    dek: Mapped[str] = mapped_column(Text, default="")
+    authors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    image_url: Mapped[str | None] = mapped_column(String(2048))
+    categories: Mapped[list[str]] = mapped_column(JSON, default=list)
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    feed: Mapped[str] = mapped_column(String(2048))
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Subscriber(Base):
+    __tablename__ = "subscribers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    # None means every section; otherwise a list of region names from the config.
+    regions: Mapped[list[str] | None] = mapped_column(JSON)
+    status: Mapped[SubscriberStatus] = mapped_column(
+        String(20), default=SubscriberStatus.ACTIVE, index=True
+    )
+    source: Mapped[str] = mapped_column(String(200), default="")
+    hard_bounces: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Issue(Base):
+    __tablename__ = "issues"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    edition_date: Mapped[date] = mapped_column(Date, unique=True)
+    status: Mapped[IssueStatus] = mapped_column(String(20), default=IssueStatus.READY)
+    subject: Mapped[str] = mapped_column(Text)
+    built_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class IssueArticle(Base):
+    """The frozen selection of an issue: a resumed send renders exactly this."""
+
+    __tablename__ = "issue_articles"
+    __table_args__ = (UniqueConstraint("issue_id", "article_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    issue_id: Mapped[int] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"), index=True)
+    article_id: Mapped[int] = mapped_column(ForeignKey("articles.id"), index=True)
+    section: Mapped[str] = mapped_column(String(200))
+    section_position: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class Delivery(Base):
+    """One row per (issue, subscriber): the ledger that makes re-running ``send`` safe."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("issue_id", "subscriber_id"),
+        Index("ix_deliveries_issue_status", "issue_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    issue_id: Mapped[int] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id"), index=True)
+    status: Mapped[DeliveryStatus] = mapped_column(String(20), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(300))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

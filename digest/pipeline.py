@@ -1,0 +1,463 @@
+"""The jobs digest runs, composed from the stages: init, fetch, build, preview, send, status.
+
+This is the one place that wires config, store, select, render, tokens and the send
+engine together; the CLI and the scheduler call these functions and nothing below them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from digest import ingest, store
+from digest.config import Config
+from digest.errors import NothingToSend, UsageError
+from digest.models import Article, DeliveryStatus, Issue, IssueStatus
+from digest.render import IssueContext, MessageTemplate, Recipient, Renderer
+from digest.select import Section, edition_key, edition_sections, select_sections, window
+from digest.send import Ledger, Outcome, Outgoing, RetryPolicy, SendEngine, SendStats, SMTPTransport, Transport
+from digest.tokens import TokenSigner
+
+# Three hard bounces in a row and we stop mailing an address: mailbox providers read
+# repeated sends to dead addresses as a spammer's sign.
+BOUNCE_THRESHOLD = 3
+CLAIM_BATCH = 500
+LEASE = timedelta(minutes=10)
+
+
+@dataclass
+class App:
+    """The composed pieces one command needs."""
+
+    config: Config
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+
+def open_app(config: Config, *, check_schema: bool = True) -> App:
+    """Open the database named by the config (checking it is initialised)."""
+    engine = store.open_engine(config.database.url)
+    if check_schema:
+        store.check_schema(engine)
+    return App(config, engine, store.session_factory(engine))
+
+
+def init_db(config: Config) -> str:
+    """Create or upgrade the schema; return the revision now in place."""
+    engine = store.open_engine(config.database.url)
+    try:
+        return store.migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def today(config: Config) -> date:
+    """Today's date in the schedule's time zone (the default edition date)."""
+    return datetime.now(config.schedule.tz).date()
+
+
+def fetch(
+    app: App, now: datetime | None = None, progress: Callable[[ingest.FeedReport], None] | None = None
+) -> ingest.FetchReport:
+    """Pull every configured feed into the article store."""
+    return ingest.fetch_all(app.sessions, app.config.feeds, now or datetime.now(UTC), progress=progress)
+
+
+# --- issues ----------------------------------------------------------------------------------
+
+
+def _frozen_sections(session: Session, config: Config, issue: Issue) -> list[Section[Article]]:
+    regions = {r.casefold() for r in config.newsletter.regions}
+    return [
+        Section(name, articles, is_region=name.casefold() in regions)
+        for name, articles in store.issue_sections(session, issue.id)
+    ]
+
+
+def plan_sections(session: Session, config: Config, edition_date: date) -> list[Section[Article]]:
+    """What the round-up for ``edition_date`` would carry if it were built now."""
+    nl = config.newsletter
+    start, end = window(edition_date, config.schedule.tz, nl.lookback_days)
+    candidates = store.candidate_articles(session, start, end, edition_date)
+    return select_sections(candidates, nl.regions, nl.catch_all, nl.max_per_region)
+
+
+def _nothing(config: Config, edition_date: date) -> NothingToSend:
+    start, end = window(edition_date, config.schedule.tz, config.newsletter.lookback_days)
+    tz = config.schedule.tz
+    return NothingToSend(
+        f"no new articles published between {start.astimezone(tz):%Y-%m-%d %H:%M} and "
+        f"{end.astimezone(tz):%Y-%m-%d %H:%M} ({config.schedule.timezone}); "
+        "run `digest fetch` first, or check [[feeds]]"
+    )
+
+
+def issue_sections(
+    session: Session, config: Config, edition_date: date
+) -> tuple[Issue | None, list[Section[Article]]]:
+    """The frozen sections when the issue exists, else the planned ones (nothing written)."""
+    issue = store.issue_for_date(session, edition_date)
+    if issue is not None:
+        return issue, _frozen_sections(session, config, issue)
+    return None, plan_sections(session, config, edition_date)
+
+
+def build_issue(app: App, renderer: Renderer, edition_date: date) -> tuple[Issue, list[Section[Article]]]:
+    """Freeze the selection for ``edition_date`` once; later calls return the same issue."""
+    with app.sessions() as session:
+        issue, sections = issue_sections(session, app.config, edition_date)
+        if issue is not None:
+            return issue, sections
+        if not sections:
+            raise _nothing(app.config, edition_date)
+        ctx = renderer.context(IssueContext(edition_date, None), sections)
+        issue = store.create_issue(
+            session,
+            edition_date,
+            renderer.subject(ctx),
+            [(s.name, [a.id for a in s.articles]) for s in sections],
+            datetime.now(UTC),
+        )
+        session.commit()
+        return issue, _frozen_sections(session, app.config, issue)
+
+
+def message_id(issue: Issue, subscriber_id: int, domain: str) -> str:
+    """The stable Message-ID of one (issue, subscriber): a re-send collapses into the first."""
+    return f"<{issue.edition_date:%Y%m%d}.{issue.id}.{subscriber_id}.digest@{domain}>"
+
+
+class Editions:
+    """Each distinct region set's edition, rendered on first use and then reused."""
+
+    def __init__(self, config: Config, renderer: Renderer, issue_ctx: IssueContext,
+                 sections: Sequence[Section[Article]]) -> None:
+        self._config = config
+        self._renderer = renderer
+        self._ctx = issue_ctx
+        self._sections = sections
+        self._cache: dict[tuple[str, ...] | None, MessageTemplate | None] = {}
+
+    def for_regions(self, regions: Sequence[str] | None) -> MessageTemplate | None:
+        """The edition for a subscriber's regions; None when it would be empty."""
+        key = edition_key(regions, self._config.newsletter.regions)
+        if key not in self._cache:
+            chosen = edition_sections(self._sections, key)
+            self._cache[key] = self._renderer.edition(self._ctx, chosen, key) if chosen else None
+        return self._cache[key]
+
+    @property
+    def rendered(self) -> int:
+        """How many non-empty editions were rendered."""
+        return sum(1 for t in self._cache.values() if t is not None)
+
+
+# --- preview ---------------------------------------------------------------------------------
+
+
+PreviewFormat = Literal["html", "text", "eml"]
+
+
+def preview(app: App, edition_date: date, subscriber_email: str | None, fmt: PreviewFormat) -> bytes:
+    """Exactly what ``send`` would send for that date; writes nothing."""
+    config = app.config
+    renderer = Renderer(config)
+    with app.sessions() as session:
+        issue, sections = issue_sections(session, config, edition_date)
+        if not sections:
+            raise _nothing(config, edition_date)
+        issue_ctx = IssueContext(edition_date, issue.id if issue else None)
+        if subscriber_email is None:
+            template = renderer.edition(issue_ctx, sections)
+            rcpt = Recipient("reader@example.org", "", f"{config.unsubscribe.base_url}/unsubscribe/PREVIEW",
+                             f"<preview.{edition_date:%Y%m%d}@{renderer.domain}>")
+        else:
+            from digest.subscribers import normalize_email
+
+            try:
+                addr = normalize_email(subscriber_email)
+            except ValueError as exc:
+                raise UsageError(f"--subscriber {subscriber_email!r}: {exc}") from None
+            sub = store.subscriber_by_email(session, addr)
+            if sub is None:
+                raise UsageError(f"--subscriber: no subscriber {addr}; see `digest subscribers list`")
+            chosen = edition_sections(sections, edition_key(sub.regions, config.newsletter.regions))
+            if not chosen:
+                raise NothingToSend(f"{addr} gets no email for {edition_date}: none of their regions has articles")
+            template = renderer.edition(issue_ctx, chosen)
+            signer = TokenSigner(config.unsubscribe_secret)
+            fake_issue = issue or Issue(id=0, edition_date=edition_date)
+            rcpt = Recipient(sub.email, sub.name, signer.url(config.unsubscribe.base_url, sub.id),
+                             message_id(fake_issue, sub.id, renderer.domain))
+    raw = template.personalize(rcpt)
+    if fmt == "eml":
+        return raw
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    part = msg.get_body(("html",) if fmt == "html" else ("plain",))
+    assert part is not None
+    return str(part.get_content()).encode("utf-8")
+
+
+# --- send --------------------------------------------------------------------------------------
+
+
+class SQLLedger:
+    """Batches outcomes from all workers into one commit; each ``record`` waits for it.
+
+    A worker's next message starts only after its previous outcome is committed, yet
+    rows from K workers share a commit, so the ledger costs little per message.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._session = sessions()
+        self._pending: list[tuple[Outcome, asyncio.Future[None] | None]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    async def record(self, outcome: Outcome) -> None:
+        """Queue one outcome and wait until it is committed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, fut))
+        self._wake.set()
+        await fut
+
+    def record_later(self, outcome: Outcome) -> None:
+        """Queue one outcome without waiting (skips, written with the next batch)."""
+        self._pending.append((outcome, None))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Flush whenever something is queued, until closed."""
+        while not self._closed or self._pending:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)  # let the other workers' outcomes join this commit
+            self.flush()
+
+    async def close(self) -> None:
+        """Flush what is left and stop :meth:`run`."""
+        self._closed = True
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Write every queued outcome in one transaction."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
+        delivered: list[int] = []
+        try:
+            for o, _ in batch:
+                row: dict[str, Any] = {"id": o.delivery_id, "status": o.status, "attempts": o.attempts,
+                                       "last_error": o.error, "lease_until": None}
+                if o.message_id:
+                    row["message_id"] = o.message_id
+                if o.status == DeliveryStatus.SENT:
+                    row["sent_at"] = now
+                    delivered.append(o.subscriber_id)
+                if o.status == DeliveryStatus.DEFERRED:
+                    row["next_attempt_at"] = o.next_attempt_at
+                rows.append(row)
+                if o.permanent:
+                    store.record_hard_bounce(self._session, o.subscriber_id, BOUNCE_THRESHOLD)
+            store.reset_hard_bounces(self._session, delivered)
+            store.record_outcomes(self._session, rows)
+        except BaseException as exc:
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+            raise
+        for _, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def dispose(self) -> None:
+        """Release the ledger's session."""
+        self._session.close()
+
+
+@dataclass
+class SendReport:
+    """What ``send`` did for one date."""
+
+    edition_date: date
+    subject: str
+    dry_run: bool
+    new_deliveries: int = 0
+    editions: int = 0
+    would_send: int = 0
+    stats: SendStats = field(default_factory=SendStats)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+TransportFactory = Callable[[], Transport]
+
+
+def send(
+    app: App,
+    edition_date: date,
+    *,
+    dry_run: bool = False,
+    transports: TransportFactory | None = None,
+    progress: Callable[[SendStats], None] | None = None,
+) -> SendReport:
+    """Build (once) and send the round-up for ``edition_date`` to everyone not yet served.
+
+    Holds an exclusive per-date lock for the whole run, so a second ``send`` for the same
+    date exits at once instead of mailing anyone twice.
+    """
+    config = app.config
+    renderer = Renderer(config)
+    if dry_run:
+        return _dry_run(app, renderer, edition_date)
+    signer = TokenSigner(config.unsubscribe_secret)
+    with store.exclusive_lock(app.engine, f"send:{edition_date.isoformat()}"):
+        issue, sections = build_issue(app, renderer, edition_date)
+        report = SendReport(edition_date, issue.subject, dry_run=False)
+        with app.sessions() as session:
+            report.new_deliveries = store.create_deliveries(session, issue.id)
+            store.release_orphans(session, issue.id)
+            store.skip_unsubscribed(session, issue.id)
+            issue = session.merge(issue)
+            if issue.status == IssueStatus.READY:
+                store.set_issue_status(session, issue, IssueStatus.SENDING, datetime.now(UTC))
+            session.commit()
+        editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
+        factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
+        report.stats = asyncio.run(_send_async(app, issue, editions, signer, renderer, factory, progress))
+        report.editions = editions.rendered
+        with app.sessions() as session:
+            store.release_orphans(session, issue.id)
+            counts = store.delivery_counts(session, issue.id)
+            issue = session.merge(issue)
+            open_rows = counts["pending"] + counts["deferred"] + counts["sending"]
+            if open_rows == 0:
+                store.set_issue_status(session, issue, IssueStatus.SENT, datetime.now(UTC))
+            session.commit()
+        report.counts = counts
+        return report
+
+
+async def _send_async(
+    app: App,
+    issue: Issue,
+    editions: Editions,
+    signer: TokenSigner,
+    renderer: Renderer,
+    transports: TransportFactory,
+    progress: Callable[[SendStats], None] | None,
+) -> SendStats:
+    config = app.config
+    ledger = SQLLedger(app.sessions)
+    engine = SendEngine(
+        transports,
+        ledger,
+        renderer.envelope_from,
+        config.smtp.concurrency,
+        RetryPolicy(config.smtp.max_attempts, config.smtp.retry_base_seconds),
+        progress,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, engine.stop)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests, scheduler): the caller handles signals
+    ledger_task = asyncio.create_task(ledger.run())
+
+    async def source() -> AsyncIterator[Outgoing]:
+        after = 0
+        with app.sessions() as session:
+            while True:
+                batch = store.claim_deliveries(session, issue.id, after, CLAIM_BATCH, datetime.now(UTC), LEASE)
+                if not batch:
+                    return
+                after = batch[-1].delivery_id
+                for c in batch:
+                    template = editions.for_regions(c.regions)
+                    if template is None:
+                        engine.stats.skipped += 1
+                        ledger.record_later(Outcome(c.delivery_id, c.subscriber_id, DeliveryStatus.SKIPPED,
+                                                    c.attempts, error="edition is empty: no articles in the chosen regions"))
+                        continue
+                    mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
+                    rcpt = Recipient(c.email, c.name, signer.url(config.unsubscribe.base_url, c.subscriber_id), mid)
+                    yield Outgoing(c.delivery_id, c.subscriber_id, c.email, template.personalize(rcpt), mid, c.attempts)
+
+    try:
+        return await engine.run(source())
+    finally:
+        await ledger.close()
+        await ledger_task
+        ledger.dispose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+
+def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
+    """Count what ``send`` would do, rendering each edition once; nothing is written."""
+    config = app.config
+    with app.sessions() as session:
+        issue, sections = issue_sections(session, config, edition_date)
+        if not sections:
+            raise _nothing(config, edition_date)
+        subject = issue.subject if issue else renderer.subject(
+            renderer.context(IssueContext(edition_date, None), sections))
+        report = SendReport(edition_date, subject, dry_run=True)
+        editions = Editions(config, renderer, IssueContext(edition_date, None), sections)
+        for sub in store.iter_subscribers(session):
+            if sub.status != "active":
+                continue
+            if editions.for_regions(sub.regions) is None:
+                report.stats.skipped += 1
+            else:
+                report.would_send += 1
+        report.editions = editions.rendered
+        return report
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+@dataclass
+class IssueStatusRow:
+    """One line of ``digest status``."""
+
+    edition_date: date
+    status: str
+    subject: str
+    counts: dict[str, int]
+
+
+@dataclass
+class StatusReport:
+    """Recent issues and the subscriber list at a glance."""
+
+    issues: list[IssueStatusRow]
+    subscribers: dict[str, int]
+    articles: int
+
+
+def status(app: App, limit: int = 10) -> StatusReport:
+    """Recent issues with their delivery counts, and subscriber counts."""
+    with app.sessions() as session:
+        rows = [
+            IssueStatusRow(i.edition_date, str(i.status), i.subject, store.delivery_counts(session, i.id))
+            for i in store.recent_issues(session, limit)
+        ]
+        return StatusReport(rows, store.subscriber_counts(session), store.article_count(session))

@@ -1,0 +1,341 @@
+"""Render a round-up: Jinja2 + premailer once per edition, byte substitution per subscriber.
+
+premailer costs milliseconds and building an ``EmailMessage`` costs more than the SMTP
+exchange, so neither may run per subscriber. An *edition* (the sections one group of
+subscribers shares) is rendered with opaque placeholder tokens where the per-subscriber
+values go, CSS-inlined once, and serialized once as quoted-printable MIME parts split at
+those tokens. :meth:`MessageTemplate.personalize` then only escapes a few short values for
+their context (HTML, text, header), encodes them and joins bytes.
+
+Quoted-printable keeps every line ≤ 76 octets (far inside RFC 5322's 998) and a value is
+joined between two soft line breaks (``=\\r\\n``), which decode to nothing, so the
+pre-encoded segments never need re-encoding around a value of any length.
+"""
+
+from __future__ import annotations
+
+import binascii
+import html as html_lib
+import logging
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from email import policy
+from email.headerregistry import Address
+from email.utils import format_datetime, formataddr, parseaddr
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from digest.config import Config
+from digest.errors import RenderError
+from digest.select import Section
+
+HTML_TEMPLATE = "roundup.html.j2"
+TEXT_TEMPLATE = "roundup.txt.j2"
+SUBJECT_TEMPLATE = "subject.txt.j2"
+
+# Per-subscriber fields a template may print. Their values are substituted after rendering.
+PERSONAL_FIELDS = ("name", "email", "unsubscribe_url")
+NAME_FALLBACK = "there"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def templates_dir(config: Config) -> Path:
+    """Where the templates are: the configured folder, the installed package, or the checkout."""
+    if config.newsletter.templates_dir is not None:
+        return config.newsletter.templates_dir
+    installed = Path(__file__).parent / "templates"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).parent.parent / "templates"
+
+
+def _autoescape(name: str | None) -> bool:
+    # Escape by default; only the plain-text templates are exempt. select_autoescape()
+    # would not recognise "roundup.html.j2" as HTML, and a miss there is an XSS hole.
+    return not (name or "").endswith((".txt.j2", ".txt"))
+
+
+def one_line(value: str) -> str:
+    """Collapse control characters and line breaks: nothing may split a header or a line."""
+    return " ".join(_CONTROL.sub(" ", value).split())
+
+
+def _printable(value: str) -> str:
+    return "".join(c for c in value if unicodedata.category(c)[0] != "C")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """The per-subscriber values of one message."""
+
+    email: str
+    name: str
+    unsubscribe_url: str
+    message_id: str
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str
+
+
+Segment = bytes | _Field
+
+
+def _qp(data: str) -> bytes:
+    # LF in, CRLF out: binascii picks its line ending from the data, so feed it LF only
+    # and convert once; the result has no bare CR or LF.
+    encoded = binascii.b2a_qp(data.replace("\r\n", "\n").encode("utf-8"), istext=True)
+    return encoded.replace(b"\n", b"\r\n")
+
+
+class MessageTemplate:
+    """One edition serialized once, ready to be personalized per subscriber.
+
+    ``personalize`` is the hot path of ``send``: it must stay O(number of fields), not
+    O(message size), apart from the final join.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: tuple[str, ...] | None,
+        subject: str,
+        common_headers: bytes,
+        list_unsubscribe_extra: str,
+        parts: list[tuple[str, list[Segment]]],
+        boundary: str,
+    ) -> None:
+        self.key = key
+        self.subject = subject
+        self._headers = common_headers
+        self._lu_extra = list_unsubscribe_extra
+        self._boundary = boundary.encode()
+        self._parts = parts
+
+    def _value(self, kind: str, key: str, rcpt: Recipient) -> bytes:
+        raw = {"name": rcpt.name or NAME_FALLBACK, "email": rcpt.email, "unsubscribe_url": rcpt.unsubscribe_url}[key]
+        raw = one_line(raw)
+        if kind == "html":
+            raw = html_lib.escape(raw, quote=True)
+        return b"=\r\n" + _qp(raw) + b"=\r\n"
+
+    def personalize(self, rcpt: Recipient, date_header: str | None = None) -> bytes:
+        """The complete RFC 5322 message (CRLF line ends) for one subscriber."""
+        name = one_line(rcpt.name)
+        to = formataddr((name, rcpt.email), charset="utf-8") if name else rcpt.email
+        lu = f"<{one_line(rcpt.unsubscribe_url)}>{self._lu_extra}"
+        out = [
+            self._headers,
+            b"Date: ",
+            (date_header or format_datetime(datetime.now(UTC), usegmt=True)).encode(),
+            b"\r\nTo: ",
+            to.replace("\n", "\r\n").encode(),
+            b"\r\nMessage-ID: ",
+            rcpt.message_id.encode(),
+            b"\r\nList-Unsubscribe: ",
+            lu.encode(),
+            b"\r\n\r\n",
+        ]
+        for kind, segments in self._parts:
+            out.append(b"--" + self._boundary + b"\r\n")
+            out.append(
+                f"Content-Type: text/{kind}; charset=\"utf-8\"\r\n"
+                "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode()
+            )
+            for seg in segments:
+                out.append(seg if isinstance(seg, bytes) else self._value(kind, seg.key, rcpt))
+            out.append(b"\r\n")
+        out.append(b"--" + self._boundary + b"--\r\n")
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class IssueContext:
+    """Edition-independent facts of one issue."""
+
+    edition_date: date
+    issue_id: int | None
+
+
+class Renderer:
+    """Jinja2 environment plus premailer, built once per run."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        folder = templates_dir(config)
+        if not folder.is_dir():
+            raise RenderError(f"templates folder {folder} does not exist (newsletter.templates_dir)")
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(folder)),
+            autoescape=_autoescape,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        try:
+            self._html = self.env.get_template(HTML_TEMPLATE)
+            self._text = self.env.get_template(TEXT_TEMPLATE)
+            self._subject = (
+                self.env.from_string(config.newsletter.subject)
+                if config.newsletter.subject
+                else self.env.get_template(SUBJECT_TEMPLATE)
+            )
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(
+                f"{exc.filename or 'newsletter.subject'}:{exc.lineno}: template error: {exc.message}"
+            ) from None
+        except jinja2.TemplateNotFound as exc:
+            raise RenderError(f"template {exc.name} not found in {folder}") from None
+        self._from = config.newsletter.sender
+        _, from_addr = parseaddr(self._from)
+        self.envelope_from = from_addr
+        self.domain = from_addr.rpartition("@")[2] or "localhost"
+
+    # -- pieces -----------------------------------------------------------------------
+
+    def context(self, issue: IssueContext, sections: Sequence[Section[Any]]) -> dict[str, Any]:
+        """The template context of one edition (see templates/ for how it is used)."""
+        lead = sections[0].articles[0] if sections and sections[0].articles else None
+        preheader = ""
+        if lead is not None:
+            preheader = (lead.title + " — " + (lead.dek or "")).strip(" —")
+            if len(preheader) > 140:
+                preheader = preheader[:140].rsplit(" ", 1)[0] + "…"
+        pub = self.config.publication
+        return {
+            "publication": pub,
+            "newsletter": self.config.newsletter,
+            "edition_date": issue.edition_date,
+            "date_label": f"{issue.edition_date.day} {issue.edition_date:%B %Y}",
+            "sections": sections,
+            "lead": lead,
+            "preheader": preheader,
+            "view_in_browser_url": None,
+            "why": (
+                f"You are receiving this because you subscribed to {self.config.newsletter.title} "
+                f"from {pub.name}."
+            ),
+        }
+
+    def subject(self, ctx: dict[str, Any]) -> str:
+        """The subject line, on one line whatever the template or the feed titles do."""
+        try:
+            return one_line(self._subject.render(ctx))
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"subject template: {exc}") from None
+
+    def _render(self, template: jinja2.Template, ctx: dict[str, Any]) -> str:
+        try:
+            return template.render(ctx)
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"{template.name}: {exc}") from None
+
+    def render_html(self, ctx: dict[str, Any]) -> str:
+        """The HTML part with CSS inlined by premailer."""
+        import premailer
+
+        raw = self._render(self._html, ctx)
+        return str(
+            premailer.Premailer(
+                raw,
+                keep_style_tags=True,  # @media and dark-mode rules only work from <style>
+                strip_important=False,
+                allow_network=False,
+                disable_validation=True,
+                cssutils_logging_level=logging.CRITICAL,
+            ).transform()
+        )
+
+    def render_text(self, ctx: dict[str, Any]) -> str:
+        """The text/plain part from its own template."""
+        return self._render(self._text, ctx)
+
+    # -- the edition ------------------------------------------------------------------
+
+    def edition(
+        self,
+        issue: IssueContext,
+        sections: Sequence[Section[Any]],
+        key: tuple[str, ...] | None = None,
+    ) -> MessageTemplate:
+        """Render, inline and serialize one edition with per-subscriber placeholders."""
+        nonce = secrets.token_hex(6)
+        token = {f: f"DGST{nonce}{f.replace('_', '').upper()}X" for f in PERSONAL_FIELDS}
+        ctx = self.context(issue, sections)
+        subject = self.subject(ctx)
+        ctx["subscriber"] = _Placeholders(**{f: token[f] for f in PERSONAL_FIELDS})
+        html_body = self.render_html(ctx)
+        text_body = self.render_text(ctx)
+        by_token = {v: k for k, v in token.items()}
+        splitter = re.compile("|".join(re.escape(t) for t in token.values()))
+
+        def segments(body: str) -> list[Segment]:
+            out: list[Segment] = []
+            pos = 0
+            for m in splitter.finditer(body):
+                out.append(_qp(body[pos : m.start()]))
+                out.append(_Field(by_token[m.group(0)]))
+                pos = m.end()
+            out.append(_qp(body[pos:]))
+            return out
+
+        # "=_" never occurs in quoted-printable output (a literal "=" is "=3D"), so this
+        # boundary cannot collide with any body, whatever the feed says.
+        boundary = f"=_digest_{nonce}"
+        return MessageTemplate(
+            key=key,
+            subject=subject,
+            common_headers=self._common_headers(subject, boundary),
+            list_unsubscribe_extra=self._mailto(),
+            parts=[("plain", segments(text_body)), ("html", segments(html_body))],
+            boundary=boundary,
+        )
+
+    def _mailto(self) -> str:
+        mailto = self.config.unsubscribe.mailto
+        return f", <mailto:{one_line(mailto)}?subject=unsubscribe>" if mailto else ""
+
+    def _common_headers(self, subject: str, boundary: str) -> bytes:
+        smtp = policy.SMTP
+        title = one_line(self.config.newsletter.title)
+        list_id_local = re.sub(r"[^a-z0-9-]+", "-", title.lower()).strip("-") or "digest"
+        headers: list[tuple[str, str]] = [
+            ("From", self._from),
+        ]
+        if self.config.newsletter.reply_to:
+            headers.append(("Reply-To", self.config.newsletter.reply_to))
+        headers += [
+            ("Subject", subject),
+            ("MIME-Version", "1.0"),
+            ("List-Id", f"{title} <{list_id_local}.{self.domain}>"),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
+        ]
+        # The email package folds and RFC 2047-encodes these correctly; it runs once per
+        # edition, so its cost does not matter.
+        return "".join(smtp.fold(name, value) for name, value in headers).encode("ascii")
+
+
+@dataclass(frozen=True)
+class _Placeholders:
+    name: str
+    email: str
+    unsubscribe_url: str
+
+
+def sender_address(sender: str) -> Address:
+    """The configured sender as an Address (used for the envelope and Message-IDs)."""
+    name, addr = parseaddr(sender)
+    user, _, domain = addr.partition("@")
+    return Address(display_name=name, username=user, domain=domain)
+
+
+RenderFn = Callable[[Recipient], bytes]

@@ -1,0 +1,110 @@
+"""APScheduler wiring only: which job runs when. The jobs themselves are in ``jobs.py``.
+
+Jobs live in a persistent SQLAlchemy job store in the digest database, so a firing that
+was due while the service was down is still known when it comes back: within
+``misfire_grace_hours`` it runs once (coalesced), later it is skipped and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from digest import store
+from digest.config import Config
+
+SEND_JOB = "digest-weekly-send"
+FETCH_JOB = "digest-fetch"
+
+
+def build_scheduler(config: Config) -> BackgroundScheduler:
+    """A scheduler with the persistent job store; jobs are added by :func:`sync_jobs`."""
+    return BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(url=config.database.url, tablename="apscheduler_jobs")},
+        executors={"default": {"type": "threadpool", "max_workers": 2}},
+        job_defaults={"coalesce": True, "max_instances": 1},
+        timezone=config.schedule.tz,
+    )
+
+
+def sync_jobs(scheduler: BackgroundScheduler, config: Config) -> None:
+    """Make the stored jobs match the config, keeping a stored job that already does.
+
+    Re-adding an unchanged job would recompute its next run time from now and so forget
+    a firing missed while the service was down; that is why unchanged jobs are kept.
+    """
+    assert config.path is not None
+    args = [str(config.path)]
+    grace = int(config.schedule.misfire_grace_hours * 3600) or 1
+    wanted: dict[str, dict[str, Any]] = {
+        SEND_JOB: {
+            "func": "digest.jobs:scheduled_send",
+            "trigger": config.schedule.cron_trigger(),
+            "misfire_grace_time": grace,
+        },
+        FETCH_JOB: {
+            "func": "digest.jobs:scheduled_fetch",
+            "trigger": IntervalTrigger(minutes=config.schedule.fetch_interval_minutes, timezone=config.schedule.tz),
+            "misfire_grace_time": 60 * config.schedule.fetch_interval_minutes,
+        },
+    }
+    for job_id, spec in wanted.items():
+        job = scheduler.get_job(job_id)
+        if (
+            job is not None
+            and str(job.trigger) == str(spec["trigger"])
+            and job.misfire_grace_time == spec["misfire_grace_time"]
+            and list(job.args) == args
+            and job.func_ref == spec["func"]
+        ):
+            continue
+        scheduler.add_job(id=job_id, name=job_id, args=args, replace_existing=True, **spec)
+
+
+def run_scheduler(
+    config: Config, log: Callable[[str], None], stop: threading.Event | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop`` is set); one scheduler per database."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = stop or threading.Event()
+    engine = store.open_engine(config.database.url)
+    with store.exclusive_lock(engine, "scheduler"):
+        scheduler = build_scheduler(config)
+
+        def on_event(event: JobExecutionEvent) -> None:
+            if event.code == EVENT_JOB_MISSED:
+                log(f"digest run: {event.job_id} missed its run time {event.scheduled_run_time} "
+                    f"(more than misfire_grace_hours late); not sending late")
+            elif event.exception is not None:
+                log(f"digest run: {event.job_id} failed: {event.exception}")
+
+        scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_EXECUTED | EVENT_JOB_MISSED)
+        # Start paused: jobs are reconciled first, then due (missed) firings are processed.
+        scheduler.start(paused=True)
+        sync_jobs(scheduler, config)
+        scheduler.resume()
+        send_job = scheduler.get_job(SEND_JOB)
+        log(f"digest run: next send at {send_job.next_run_time if send_job else '?'}; "
+            f"fetching every {config.schedule.fetch_interval_minutes} min; Ctrl-C to stop")
+
+        def handle(signum: int, _frame: Any) -> None:
+            stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handle)
+            signal.signal(signal.SIGINT, handle)
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            log("digest run: stopping; waiting for a running job to finish")
+            scheduler.shutdown(wait=True)
+            engine.dispose()

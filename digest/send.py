@@ -1,0 +1,353 @@
+"""The send engine: K long-lived SMTP connections, a retry policy and the delivery ledger.
+
+The engine neither renders nor selects. It takes :class:`Outgoing` messages (already
+personalized bytes) from an async source and, for each, reports exactly one final
+:class:`Outcome` to a :class:`Ledger`. aiosmtplib is imported here and nowhere else; its
+exceptions become :mod:`digest.errors` classes in :class:`SMTPTransport`.
+
+Why it is shaped this way:
+
+* One ``aiosmtplib.SMTP`` client per worker: SMTP is strictly request/response on a
+  connection, so gathering several sends on one client only queues them on its lock.
+* A worker awaits the ledger commit of its message before taking the next one, so a crash
+  can re-send at most one message per connection (the in-flight window is K).
+* Transient failures (4xx, dropped connection, timeout) are retried on a fresh connection
+  after an exponential backoff with jitter, so a relay that rate-limits us is not hammered
+  by K workers retrying in lockstep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import aiosmtplib
+
+from digest.config import SMTP as SMTPConfig
+from digest.errors import (
+    AmbiguousDeliveryError,
+    DeliveryError,
+    PermanentDeliveryError,
+    SMTPUnavailableError,
+    TransientDeliveryError,
+)
+from digest.models import DeliveryStatus
+
+# --- transport -----------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    """One connection's worth of SMTP: hand over a message or raise a DeliveryError."""
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class SMTPTransport:
+    """An aiosmtplib client that (re)connects on demand and maps its errors to ours."""
+
+    def __init__(self, cfg: SMTPConfig, password: str | None) -> None:
+        self.cfg = cfg
+        self.password = password
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        cfg = self.cfg
+        smtp = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            use_tls=cfg.security == "tls",
+            start_tls=cfg.security == "starttls",
+            timeout=cfg.timeout_seconds,
+        )
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            await smtp.connect()
+            if cfg.username:
+                await smtp.login(cfg.username, self.password or "")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            smtp.close()
+            raise SMTPUnavailableError(
+                f"SMTP server {where} refused the login for {cfg.username!r}: "
+                f"{exc.code} {exc.message}; check smtp.username and ${cfg.password_env}",
+                exc.code,
+                exc.message,
+            ) from None
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            smtp.close()
+            raise SMTPUnavailableError(
+                f"cannot connect to SMTP server {where}: {_reason(exc)}; check smtp.host, "
+                "smtp.port and smtp.security"
+            ) from None
+        return smtp
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> str:
+        """Send one message to one recipient; the server's reply to DATA on success."""
+        if self._smtp is None or not self._smtp.is_connected:
+            self._smtp = await self._connect()
+        smtp = self._smtp
+        short = self.cfg.timeout_seconds
+        stage = "MAIL"
+        try:
+            await smtp.mail(sender, timeout=short)
+            stage = "RCPT"
+            await smtp.rcpt(recipient, timeout=short)
+            stage = "DATA"
+            # The long wait is the point: giving up on the reply to "." while the server
+            # is still writing the message to disk is how duplicates are made.
+            response = await smtp.data(message, timeout=self.cfg.data_timeout_seconds)
+            return f"{response.code} {response.message}"
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset()
+            text = f"{exc.code} {exc.message}"
+            if exc.code == 421:
+                await self.close()  # 421: the server is closing this channel
+            if 400 <= exc.code < 500:
+                raise TransientDeliveryError(f"{stage}: {text}", exc.code, text) from None
+            raise PermanentDeliveryError(f"{stage}: {text}", exc.code, text) from None
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            await self._reset()
+            first = exc.recipients[0]
+            text = f"{first.code} {first.message}"
+            cls = TransientDeliveryError if 400 <= first.code < 500 else PermanentDeliveryError
+            raise cls(f"RCPT: {text}", first.code, text) from None
+        except aiosmtplib.SMTPTimeoutError:
+            await self.close()
+            if stage == "DATA":
+                raise AmbiguousDeliveryError(
+                    "timed out waiting for the reply to DATA; the message may have been delivered"
+                ) from None
+            raise TransientDeliveryError(f"{stage}: timed out") from None
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPException, OSError) as exc:
+            await self.close()
+            raise TransientDeliveryError(f"{stage}: connection lost ({_reason(exc)})") from None
+
+    async def _reset(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.rset(timeout=self.cfg.timeout_seconds)
+            except (aiosmtplib.SMTPException, OSError):
+                await self.close()
+
+    async def close(self) -> None:
+        """QUIT politely; a connection that is already gone is just dropped."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None and smtp.is_connected:
+            try:
+                await smtp.quit(timeout=5)
+            except (aiosmtplib.SMTPException, OSError):
+                smtp.close()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+# --- engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class Outgoing:
+    """One message to send and where its outcome goes."""
+
+    delivery_id: int
+    subscriber_id: int
+    recipient: str
+    message: bytes
+    message_id: str
+    attempts: int = 0  # attempts before this run (from the ledger)
+    tries: int = 0  # attempts in this run
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final state of one delivery in this run."""
+
+    delivery_id: int
+    subscriber_id: int
+    status: DeliveryStatus
+    attempts: int
+    message_id: str | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    permanent: bool = False
+
+
+class Ledger(Protocol):
+    """Where outcomes are recorded; ``record`` returns once the outcome is durable."""
+
+    async def record(self, outcome: Outcome) -> None: ...
+
+
+@dataclass
+class SendStats:
+    """What one run did."""
+
+    sent: int = 0
+    failed: int = 0
+    deferred: int = 0
+    skipped: int = 0
+    retries: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, at most ``max_attempts`` tries per run."""
+
+    max_attempts: int = 4
+    base_seconds: float = 2.0
+    cap_seconds: float = 300.0
+
+    def delay(self, tries: int) -> float:
+        """Seconds to wait before try number ``tries + 1``."""
+        # Full jitter spreads K workers' retries so a throttling relay sees no burst.
+        return random.uniform(0.5, 1.0) * min(self.cap_seconds, self.base_seconds * 2 ** (tries - 1))
+
+
+class SendEngine:
+    """Runs K workers over a source of messages until every message has an outcome."""
+
+    def __init__(
+        self,
+        transports: Callable[[], Transport],
+        ledger: Ledger,
+        sender: str,
+        concurrency: int,
+        policy: RetryPolicy,
+        progress: Callable[[SendStats], None] | None = None,
+    ) -> None:
+        self._transports = transports
+        self._ledger = ledger
+        self._sender = sender
+        self._k = concurrency
+        self._policy = policy
+        self._progress = progress
+        self.stats = SendStats()
+        self._queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=concurrency * 4)
+        self._outstanding = 0
+        self._source_done = False
+        self._idle = asyncio.Event()
+        self._fatal: SMTPUnavailableError | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish in-flight messages, then stop taking new ones (SIGTERM)."""
+        self._stop.set()
+
+    async def run(self, source: AsyncIterator[Outgoing]) -> SendStats:
+        """Send everything ``source`` yields; raise SMTPUnavailableError if SMTP is down."""
+        workers = [asyncio.create_task(self._worker(self._transports())) for _ in range(self._k)]
+        try:
+            async for item in source:
+                if self._fatal or self._stop.is_set():
+                    break
+                self._outstanding += 1
+                self._idle.clear()
+                await self._queue.put(item)
+            self._source_done = True
+            if self._outstanding and not (self._fatal or self._stop.is_set()):
+                await self._wait_idle()
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        # Workers finish the message in hand (and its ledger write) before seeing None.
+        for _ in workers:
+            await self._queue.put(None)
+        await asyncio.gather(*workers)
+        if self._fatal:
+            raise self._fatal
+        return self.stats
+
+    async def _wait_idle(self) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        idle = asyncio.create_task(self._idle.wait())
+        await asyncio.wait({stop, idle}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        idle.cancel()
+
+    def _done_one(self) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._idle.set()
+        if self._progress:
+            self._progress(self.stats)
+
+    async def _worker(self, transport: Transport) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if self._fatal or self._stop.is_set():
+                    # Not tried: it stays claimed-but-unsent and the next run takes it.
+                    self._done_one()
+                    continue
+                await self._attempt(transport, item)
+        finally:
+            await transport.close()
+
+    async def _attempt(self, transport: Transport, item: Outgoing) -> None:
+        item.tries += 1
+        attempts = item.attempts + item.tries
+        try:
+            await transport.send(self._sender, item.recipient, item.message)
+        except SMTPUnavailableError as exc:
+            # Connect/login failed: nothing was sent. One worker saying so is enough.
+            self._fatal = self._fatal or exc
+            self._stop.set()
+            self._done_one()
+            return
+        except PermanentDeliveryError as exc:
+            self.stats.failed += 1
+            await self._ledger.record(
+                Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.FAILED, attempts,
+                        item.message_id, exc.reply or str(exc), permanent=True)
+            )
+            self._done_one()
+            return
+        except DeliveryError as exc:
+            await self._defer(item, attempts, exc)
+            return
+        self.stats.sent += 1
+        await self._ledger.record(
+            Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.SENT, attempts, item.message_id)
+        )
+        self._done_one()
+
+    async def _defer(self, item: Outgoing, attempts: int, exc: DeliveryError) -> None:
+        ambiguous = isinstance(exc, AmbiguousDeliveryError)
+        retry_here = (
+            not ambiguous and item.tries < self._policy.max_attempts and not self._stop.is_set()
+        )
+        delay = self._policy.delay(item.tries) if retry_here else self._policy.cap_seconds
+        await self._ledger.record(
+            Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.DEFERRED, attempts,
+                    item.message_id, str(exc),
+                    next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay))
+        )
+        if not retry_here:
+            self.stats.deferred += 1
+            self._done_one()
+            return
+        self.stats.retries += 1
+        # Re-queue after the backoff without holding this worker (or its connection) idle.
+        asyncio.get_running_loop().call_later(delay, self._requeue, item)
+
+    def _requeue(self, item: Outgoing) -> None:
+        if self._stop.is_set() or self._fatal:
+            self.stats.deferred += 1
+            self._done_one()
+            return
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            asyncio.get_running_loop().call_later(0.05, self._requeue, item)

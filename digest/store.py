@@ -1,0 +1,551 @@
+"""Every database query of digest, as named functions.
+
+Stages never build ``select()`` statements themselves: they call these, so the queries
+(and their indexes) can be read, tuned and tested in one place. SQLAlchemy errors are
+translated to :class:`~digest.errors.DatabaseError` at :func:`open_engine` and
+:func:`check_schema`; the rest run inside a session the caller owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import filelock
+from sqlalchemy import (
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from digest.errors import DatabaseError, SendInProgress
+from digest.models import (
+    Article,
+    Delivery,
+    DeliveryStatus,
+    FeedState,
+    Issue,
+    IssueArticle,
+    IssueStatus,
+    Subscriber,
+    SubscriberStatus,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+# --- engine and schema ------------------------------------------------------------------
+
+
+def open_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout.
+
+    WAL lets ``digest serve`` unsubscribe readers while ``send`` writes the ledger, and the
+    busy timeout turns short lock contention into a wait instead of an error.
+    """
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:" and not Path(db).parent.exists():
+                raise DatabaseError(
+                    f"database.url: folder {Path(db).parent} does not exist; create it "
+                    "or point database.url elsewhere"
+                )
+            engine = create_engine(url, connect_args={"timeout": 30})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except ArgumentError as exc:
+        raise DatabaseError(f"database.url: {url!r} is not a database URL ({exc})") from None
+    except ModuleNotFoundError as exc:
+        raise DatabaseError(
+            f"database.url: driver {exc.name!r} is not installed; for PostgreSQL run "
+            "pip install 'digest[postgres]'"
+        ) from None
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the schema to the newest migration (idempotent); return the revision."""
+    from alembic import command
+
+    try:
+        command.upgrade(_alembic_config(engine), "head")
+        return current_revision(engine) or "?"
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at, or None when it was never initialised."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of digest."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(MIGRATIONS))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise a clear error unless the database is initialised and up to date."""
+    try:
+        rev = current_revision(engine)
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+    if rev is None:
+        raise DatabaseError(
+            f"database {engine.url.render_as_string(hide_password=True)} is not initialised; "
+            "run `digest init` first"
+        )
+    if rev != head_revision():
+        raise DatabaseError(
+            f"database schema is at {rev}, this digest needs {head_revision()}; "
+            "run `digest init` to upgrade"
+        )
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# --- locks --------------------------------------------------------------------------------
+
+
+@contextmanager
+def exclusive_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Hold a named lock across processes, or raise :class:`SendInProgress` at once.
+
+    PostgreSQL: a session advisory lock, so senders on other hosts see it too.
+    SQLite: a lock file beside the database file (one machine is the point of SQLite).
+    The lock dies with the process either way, so a crash never leaves it stuck.
+    """
+    if engine.dialect.name == "postgresql":
+        key = zlib.crc32(name.encode()) - 2**31
+        with engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            if not got:
+                raise SendInProgress(f"another digest process holds '{name}'; try again later")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    db = engine.url.database
+    if not db or db == ":memory:":
+        yield
+        return
+    safe = hashlib.sha1(name.encode()).hexdigest()[:12]
+    lock = filelock.FileLock(f"{db}.{safe}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise SendInProgress(f"another digest process holds '{name}'; try again later") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --- feeds ----------------------------------------------------------------------------------
+
+
+def feed_state(session: Session, url: str) -> FeedState:
+    """The stored validators of a feed, created on first use."""
+    state = session.scalar(select(FeedState).where(FeedState.url == url))
+    if state is None:
+        state = FeedState(url=url)
+        session.add(state)
+    return state
+
+
+# --- articles -------------------------------------------------------------------------------
+
+
+def find_article(session: Session, link: str, guid: str | None) -> Article | None:
+    """The stored article with this canonical link or (when given) this guid."""
+    cond = Article.link == link
+    if guid:
+        cond = or_(cond, Article.guid == guid)
+    return session.scalars(select(Article).where(cond).order_by(Article.id).limit(1)).first()
+
+
+def candidate_articles(
+    session: Session, start: datetime, end: datetime, before_date: date
+) -> list[Article]:
+    """Articles published in [start, end) that no earlier sent issue carried.
+
+    An issue counts as sent from the moment its sending started: most readers have it
+    even when a few deliveries are still deferred.
+    """
+    in_sent_issue = exists().where(
+        IssueArticle.article_id == Article.id,
+        IssueArticle.issue_id == Issue.id,
+        Issue.status.in_([IssueStatus.SENDING, IssueStatus.SENT]),
+        Issue.edition_date != before_date,
+    )
+    stmt = (
+        select(Article)
+        .where(Article.published_at >= start, Article.published_at < end, ~in_sent_issue)
+        .order_by(Article.published_at.desc(), Article.id.desc())
+    )
+    return list(session.scalars(stmt))
+
+
+def article_count(session: Session) -> int:
+    """How many articles the store holds."""
+    return session.scalar(select(func.count(Article.id))) or 0
+
+
+# --- issues ---------------------------------------------------------------------------------
+
+
+def issue_for_date(session: Session, edition_date: date) -> Issue | None:
+    """The issue built for this date, if any."""
+    return session.scalar(select(Issue).where(Issue.edition_date == edition_date))
+
+
+def create_issue(
+    session: Session,
+    edition_date: date,
+    subject: str,
+    sections: Sequence[tuple[str, Sequence[int]]],
+    now: datetime,
+) -> Issue:
+    """Freeze a selection as the issue for ``edition_date``.
+
+    Raises :class:`IntegrityError`-free: when another process froze the same date first,
+    that issue is returned instead, since the date is unique.
+    """
+    issue = Issue(edition_date=edition_date, subject=subject, built_at=now, status=IssueStatus.READY)
+    try:
+        with session.begin_nested():
+            session.add(issue)
+            session.flush()
+            rows = [
+                {
+                    "issue_id": issue.id,
+                    "article_id": article_id,
+                    "section": section,
+                    "section_position": s_pos,
+                    "position": pos,
+                }
+                for s_pos, (section, ids) in enumerate(sections)
+                for pos, article_id in enumerate(ids)
+            ]
+            if rows:
+                session.execute(insert(IssueArticle), rows)
+    except IntegrityError:
+        existing = issue_for_date(session, edition_date)
+        assert existing is not None
+        return existing
+    return issue
+
+
+def issue_sections(session: Session, issue_id: int) -> list[tuple[str, list[Article]]]:
+    """The frozen sections of an issue, in order."""
+    stmt = (
+        select(IssueArticle.section, Article)
+        .join(Article, Article.id == IssueArticle.article_id)
+        .where(IssueArticle.issue_id == issue_id)
+        .order_by(IssueArticle.section_position, IssueArticle.position)
+    )
+    out: list[tuple[str, list[Article]]] = []
+    for section, article in session.execute(stmt).tuples():
+        if not out or out[-1][0] != section:
+            out.append((section, []))
+        out[-1][1].append(article)
+    return out
+
+
+def set_issue_status(session: Session, issue: Issue, status: IssueStatus, now: datetime) -> None:
+    """Move an issue along ready → sending → sent."""
+    issue.status = status
+    if status == IssueStatus.SENT and issue.sent_at is None:
+        issue.sent_at = now
+
+
+def recent_issues(session: Session, limit: int = 10) -> list[Issue]:
+    """The newest issues first."""
+    return list(session.scalars(select(Issue).order_by(Issue.edition_date.desc()).limit(limit)))
+
+
+# --- subscribers ----------------------------------------------------------------------------
+
+
+def subscribers_by_email(session: Session, emails: Sequence[str]) -> dict[str, Subscriber]:
+    """Stored subscribers among ``emails`` (already normalized), keyed by email."""
+    if not emails:
+        return {}
+    found = session.scalars(select(Subscriber).where(Subscriber.email.in_(emails)))
+    return {s.email: s for s in found}
+
+
+def subscriber_by_email(session: Session, email: str) -> Subscriber | None:
+    """One subscriber by normalized email."""
+    return session.scalar(select(Subscriber).where(Subscriber.email == email))
+
+
+def subscriber_by_id(session: Session, subscriber_id: int) -> Subscriber | None:
+    """One subscriber by id."""
+    return session.get(Subscriber, subscriber_id)
+
+
+def add_subscribers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many new subscribers in one statement."""
+    if rows:
+        session.execute(insert(Subscriber), list(rows))
+
+
+def iter_subscribers(session: Session, batch: int = 1000) -> Iterator[Subscriber]:
+    """Every subscriber in id order, fetched in keyset batches (flat memory)."""
+    after = 0
+    while True:
+        page = list(
+            session.scalars(
+                select(Subscriber).where(Subscriber.id > after).order_by(Subscriber.id).limit(batch)
+            )
+        )
+        if not page:
+            return
+        yield from page
+        after = page[-1].id
+        session.expunge_all()
+
+
+def subscriber_counts(session: Session) -> dict[str, int]:
+    """Subscribers per status."""
+    rows = session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status))
+    return {str(status): n for status, n in rows.tuples()}
+
+
+def record_hard_bounce(session: Session, subscriber_id: int, threshold: int) -> None:
+    """Count a hard bounce; at ``threshold`` consecutive ones the subscriber is bounced."""
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == subscriber_id)
+        .values(hard_bounces=Subscriber.hard_bounces + 1)
+    )
+    session.execute(
+        update(Subscriber)
+        .where(
+            Subscriber.id == subscriber_id,
+            Subscriber.hard_bounces >= threshold,
+            Subscriber.status == SubscriberStatus.ACTIVE,
+        )
+        .values(status=SubscriberStatus.BOUNCED)
+    )
+
+
+def reset_hard_bounces(session: Session, subscriber_ids: Sequence[int]) -> None:
+    """A delivered message ends a run of consecutive hard bounces."""
+    if subscriber_ids:
+        session.execute(
+            update(Subscriber)
+            .where(Subscriber.id.in_(subscriber_ids), Subscriber.hard_bounces > 0)
+            .values(hard_bounces=0)
+        )
+
+
+# --- deliveries -----------------------------------------------------------------------------
+
+
+def create_deliveries(session: Session, issue_id: int) -> int:
+    """Add a pending delivery for every active subscriber that has none for this issue.
+
+    One INSERT … SELECT, so a 100,000-row list costs one statement, and the unique
+    (issue, subscriber) constraint makes a concurrent duplicate impossible.
+    """
+    already = exists().where(Delivery.issue_id == issue_id, Delivery.subscriber_id == Subscriber.id)
+    src = select(
+        func.cast(issue_id, Delivery.issue_id.type).label("issue_id"),
+        Subscriber.id,
+        func.cast(DeliveryStatus.PENDING.value, Delivery.status.type),
+        func.cast(0, Delivery.attempts.type),
+    ).where(Subscriber.status == SubscriberStatus.ACTIVE, ~already)
+    result = session.execute(
+        insert(Delivery).from_select(["issue_id", "subscriber_id", "status", "attempts"], src)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_orphans(session: Session, issue_id: int) -> int:
+    """Return ``sending`` rows left by a crashed sender to ``pending``.
+
+    Only called while holding the issue's exclusive lock, so no live sender owns them.
+    They keep their Message-ID: a re-send of a message that did arrive collapses into
+    the first copy in the reader's mailbox.
+    """
+    result = session.execute(
+        update(Delivery)
+        .where(Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENDING)
+        .values(status=DeliveryStatus.PENDING, lease_until=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery claimed for sending, with what the sender needs of its subscriber."""
+
+    delivery_id: int
+    subscriber_id: int
+    email: str
+    name: str
+    regions: list[str] | None
+    attempts: int
+    message_id: str | None
+
+
+def claim_deliveries(
+    session: Session,
+    issue_id: int,
+    after_id: int,
+    limit: int,
+    now: datetime,
+    lease: timedelta,
+) -> list[Claimed]:
+    """Claim the next ``limit`` sendable deliveries with id > ``after_id`` (keyset order).
+
+    Sendable: pending, or deferred whose retry time has come, of a still-active subscriber.
+    Claimed rows become ``sending`` with a lease. On PostgreSQL the rows are locked with
+    SKIP LOCKED so concurrent workers take disjoint batches.
+    """
+    due = or_(
+        Delivery.status == DeliveryStatus.PENDING,
+        and_(
+            Delivery.status == DeliveryStatus.DEFERRED,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+    )
+    stmt = (
+        select(
+            Delivery.id,
+            Subscriber.id,
+            Subscriber.email,
+            Subscriber.name,
+            Subscriber.regions,
+            Delivery.attempts,
+            Delivery.message_id,
+        )
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(
+            Delivery.issue_id == issue_id,
+            Delivery.id > after_id,
+            due,
+            Subscriber.status == SubscriberStatus.ACTIVE,
+        )
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
+    rows = [Claimed(*row) for row in session.execute(stmt).tuples()]
+    if rows:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_([r.delivery_id for r in rows]))
+            .values(status=DeliveryStatus.SENDING, lease_until=now + lease)
+        )
+    session.commit()
+    return rows
+
+
+def skip_unsubscribed(session: Session, issue_id: int) -> int:
+    """Mark not-yet-sent deliveries of people who left the list since as skipped."""
+    gone = select(Subscriber.id).where(Subscriber.status != SubscriberStatus.ACTIVE)
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.issue_id == issue_id,
+            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.DEFERRED]),
+            Delivery.subscriber_id.in_(gone),
+        )
+        .values(status=DeliveryStatus.SKIPPED, last_error="subscriber is no longer active")
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def record_outcomes(session: Session, outcomes: Sequence[dict[str, Any]]) -> None:
+    """Write many delivery outcomes (dicts with ``id`` and changed columns) in one commit."""
+    if outcomes:
+        session.execute(update(Delivery), list(outcomes))
+    session.commit()
+
+
+def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:
+    """Deliveries of an issue per status (every status present, zero when absent)."""
+    counts = {s.value: 0 for s in DeliveryStatus}
+    rows = session.execute(
+        select(Delivery.status, func.count()).where(Delivery.issue_id == issue_id).group_by(Delivery.status)
+    )
+    for status, n in rows.tuples():
+        counts[str(status)] = n
+    return counts
+
+
+def failed_deliveries(session: Session, issue_id: int | None) -> list[tuple[Issue, Subscriber, Delivery]]:
+    """Failed deliveries with their issue and subscriber, newest issue first."""
+    stmt = (
+        select(Issue, Subscriber, Delivery)
+        .join(Delivery, Delivery.issue_id == Issue.id)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.status == DeliveryStatus.FAILED)
+        .order_by(Issue.edition_date.desc(), Delivery.id)
+    )
+    if issue_id is not None:
+        stmt = stmt.where(Issue.id == issue_id)
+    return [tuple(row) for row in session.execute(stmt).tuples()]  # type: ignore[misc]
+
+
+def delete_all(session: Session) -> None:
+    """Empty every table (tests and benchmarks only)."""
+    for model in (Delivery, IssueArticle, Issue, Subscriber, Article, FeedState):
+        session.execute(delete(model))
+    session.commit()
+
+
