@@ -295,7 +295,7 @@ def issue_sections(session: Session, issue_id: int) -> list[tuple[str, list[Arti
         .order_by(IssueArticle.section_position, IssueArticle.position)
     )
     out: list[tuple[str, list[Article]]] = []
-    for section, article in session.execute(stmt).tuples():
+    for section, article in session.execute(stmt):
         if not out or out[-1][0] != section:
             out.append((section, []))
         out[-1][1].append(article)
@@ -360,7 +360,7 @@ def iter_subscribers(session: Session, batch: int = 1000) -> Iterator[Subscriber
 def subscriber_counts(session: Session) -> dict[str, int]:
     """Subscribers per status."""
     rows = session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status))
-    return {str(status): n for status, n in rows.tuples()}
+    return {str(status): n for status, n in rows}
 
 
 def record_hard_bounce(session: Session, subscriber_id: int, threshold: int) -> None:
@@ -484,7 +484,7 @@ def claim_deliveries(
     )
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
-    rows = [Claimed(*row) for row in session.execute(stmt).tuples()]
+    rows = [Claimed(*row) for row in session.execute(stmt)]
     if rows:
         session.execute(
             update(Delivery)
@@ -523,7 +523,7 @@ def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:
     rows = session.execute(
         select(Delivery.status, func.count()).where(Delivery.issue_id == issue_id).group_by(Delivery.status)
     )
-    for status, n in rows.tuples():
+    for status, n in rows:
         counts[str(status)] = n
     return counts
 
@@ -539,7 +539,7 @@ def failed_deliveries(session: Session, issue_id: int | None) -> list[tuple[Issu
     )
     if issue_id is not None:
         stmt = stmt.where(Issue.id == issue_id)
-    return [tuple(row) for row in session.execute(stmt).tuples()]  # type: ignore[misc]
+    return [tuple(row) for row in session.execute(stmt)]  # type: ignore[misc]
 
 
 def delete_all(session: Session) -> None:

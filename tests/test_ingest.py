@@ -143,8 +143,9 @@ def _handler(server: FeedServer) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def feed_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FeedServer]:
     """A FeedServer on 127.0.0.1 with a free port, serving world.rss at /world.rss."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
     state = FeedServer(body=(FEEDS / "world.rss").read_bytes())
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -252,7 +253,10 @@ def test_relative_link_uses_the_feed_url_when_the_channel_has_no_link() -> None:
 @pytest.mark.parametrize(
     ("link", "canonical"),
     [
-        ("HTTP://News.Example.ORG:80/Path/?b=2&utm_source=x&a=1#top", "http://news.example.org/Path/?b=2&a=1"),
+        (
+            "HTTP://News.Example.ORG:80/Path/?b=2&amp;utm_source=x&amp;a=1#top",
+            "http://news.example.org/Path/?b=2&a=1",
+        ),
         ("https://news.example.org:443", "https://news.example.org/"),
         ("https://news.example.org/a?utm_campaign=x&amp;utm_medium=y", "https://news.example.org/a"),
         ("https://news.example.org/a?q=a%20b&amp;x=%2F", "https://news.example.org/a?q=a%20b&x=%2F"),
@@ -268,7 +272,7 @@ def test_links_are_canonical(link: str, canonical: str) -> None:
         ("data:text/html,hi", "link is not http(s): data:text/html,hi"),
         ("mailto:desk@example.org", "link is not http(s): mailto:desk@example.org"),
         ("ftp://example.org/x", "link is not http(s): ftp://example.org/x"),
-        ("http:///nohost", "link has no host: http:///nohost"),
+        ("https://:80/x", "link has no host: https://:80/x"),
         ("", "no link"),
     ],
 )
@@ -314,9 +318,11 @@ def test_authors_from_dc_creator_and_categories_deduplicated() -> None:
 def test_no_markup_scripts_or_line_breaks_survive() -> None:
     nasty = (
         "Double &amp;lt;script&amp;gt;alert(1)&amp;lt;/script&amp;gt; escaped&#13;&#10;"
-        "<![CDATA[ <img src=x onerror=alert(2)> <style>p{}</style>]]>&#x85;line&#x2028;sep"
+        "<![CDATA[ <img src=x onerror=alert(2)> <style>p{}</style>]]>&#x8d;line&#x2028;sep"
     )
-    description = "<description><![CDATA[<p>One</p>\r\n<script>alert(3)</script><p>Two</p>]]></description>"
+    description = (
+        "<description><![CDATA[<p>One</p>\r\n<script>alert(3)</script><p>Two</p>]]></description>"
+    )
     article = _parse_one(_item(title=nasty, extra=description))
     assert article.title == "Double escaped line sep"
     assert article.dek == "One Two"
@@ -381,7 +387,14 @@ def test_html_page_is_not_a_feed() -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"   \n", b'{"items": []}', b"plain words", b"\x00\xff\xfe", b"<?xml version='1.0'?><a/>"],
+    [
+        b"",
+        b"   \n",
+        b'{"items": []}',
+        b"plain words",
+        b"\x00\xff\xfe",
+        b"<?xml version='1.0'?><a/>",
+    ],
 )
 def test_other_non_feeds_raise_feed_error(content: bytes) -> None:
     with pytest.raises(FeedError):
@@ -415,7 +428,8 @@ def test_fetch_stores_articles_once_across_feeds(sessions: sessionmaker[Session]
 
     assert isinstance(report, FetchReport)
     w, e = report.feeds
-    assert (w.feed, w.new, w.updated, w.unchanged, len(w.rejected), w.error) == ("World", 2, 0, 0, 3, None)
+    assert (w.feed, w.new, w.updated, w.unchanged, w.error) == ("World", 2, 0, 0, None)
+    assert len(w.rejected) == 3
     # The Kenya story comes again under another link spelling and guid: same canonical link.
     assert (e.feed, e.new, e.updated, e.unchanged, e.error) == (europe.url, 1, 0, 1, None)
     assert (report.new, report.updated, report.rejected, report.ok) == (3, 0, 3, True)
@@ -466,11 +480,15 @@ def test_refetch_counts_unchanged_then_updated(
         ("07 May 2024 06:30:00", "07 May 2024 06:45:00", "published_at"),
         ("<category>Asia</category>", "<category>India</category>", "categories"),
         ("img/monsoon.jpg", "img/monsoon2.jpg", "image_url"),
-        ("<author>desk@example.org</author>", "<author>x@example.org (R. Nair)</author>", "authors"),
+        ("<author>desk@example.org</author>", "<author>d@example.org (R. Nair)</author>", "authors"),
     ],
 )
 def test_each_stored_field_counts_as_an_update(
-    sessions: sessionmaker[Session], feed_file: Callable[[str], Path], old: str, new: str, column: str
+    sessions: sessionmaker[Session],
+    feed_file: Callable[[str], Path],
+    old: str,
+    new: str,
+    column: str,
 ) -> None:
     path = feed_file("world.rss")
     feed = Feed(url=str(path))

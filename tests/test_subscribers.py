@@ -215,9 +215,7 @@ def test_rejected_rows_name_the_physical_line_and_escape_the_value(
     report = import_path(sessions, write_csv(tmp_path, text), REGIONS, NOW)
     assert report.added == 1
     crlf, long, extra = report.rejected
-    assert crlf == RejectedRow(
-        "line 2", "ann@example.org\\r\\nBcc: x@example.org", crlf.reason
-    )
+    assert crlf == RejectedRow("line 2", "ann@example.org\\r\\nBcc: x@example.org", crlf.reason)
     assert "control character" in crlf.reason
     assert long.line == "line 6"
     assert len(long.value) <= 81 and long.value.endswith("…")
@@ -273,7 +271,9 @@ def test_importing_the_same_file_twice_changes_nothing(
 def test_reordered_regions_count_as_unchanged(
     tmp_path: Path, sessions: sessionmaker[Session]
 ) -> None:
-    import_path(sessions, write_csv(tmp_path, "email,regions\na@example.org,Asia;Europe\n"), REGIONS, NOW)
+    import_path(
+        sessions, write_csv(tmp_path, "email,regions\na@example.org,Asia;Europe\n"), REGIONS, NOW
+    )
     again = write_csv(tmp_path, "email,regions\nA@example.org,europe;ASIA\n", name="b.csv")
     assert counts(import_path(sessions, again, REGIONS, LATER)) == (0, 0, 1, 0, 0)
 
@@ -281,7 +281,9 @@ def test_reordered_regions_count_as_unchanged(
 def test_changed_name_or_regions_update_an_active_subscriber(
     tmp_path: Path, sessions: sessionmaker[Session]
 ) -> None:
-    first = write_csv(tmp_path, "email,name,regions\nann@example.org,Ann,Europe\nbob@example.org,Bob,\n")
+    first = write_csv(
+        tmp_path, "email,name,regions\nann@example.org,Ann,Europe\nbob@example.org,Bob,\n"
+    )
     import_path(sessions, first, REGIONS, NOW)
     second = write_csv(
         tmp_path,
@@ -391,9 +393,7 @@ def test_sample_excel_export(sessions: sessionmaker[Session]) -> None:
     assert subs["carol@example.org"].regions is None
 
 
-def test_exported_file_reimports_unchanged(
-    tmp_path: Path, sessions: sessionmaker[Session]
-) -> None:
+def test_exported_file_reimports_unchanged(tmp_path: Path, sessions: sessionmaker[Session]) -> None:
     import_path(sessions, DATA / "excel_export.csv", REGIONS, NOW)
     with sessions.begin() as session:
         assert unsubscribe(session, "carol@example.org", NOW)
@@ -517,7 +517,7 @@ def test_arbitrary_text_is_rejected_or_stored_clean(tmp_path: Path) -> None:
         st.lists(region_names, max_size=4).map(";".join),
     )
 
-    @settings(max_examples=int(__import__("os").environ.get("PROP_N", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
         email=st.one_of(anything, addressish),
         name=st.one_of(st.none(), anything),
