@@ -488,7 +488,7 @@ def _new_client() -> httpx.Client:
     return httpx.Client(
         timeout=TIMEOUT_SECONDS,
         follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
+        
         headers={"User-Agent": USER_AGENT},
     )
 

@@ -321,7 +321,9 @@ class Renderer:
         ]
         # The email package folds and RFC 2047-encodes these correctly; it runs once per
         # edition, so its cost does not matter.
-        return "".join(smtp.fold(name, value) for name, value in headers).encode("ascii")
+        return "".join(
+            smtp.header_factory(name, value).fold(policy=smtp) for name, value in headers
+        ).encode("ascii")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""Config loading: every mistake is one line naming the key and the fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from digest.cli import main
+from digest.config import crontab_for_apscheduler, load_config
+from digest.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_example_config_loads_and_resolves_paths() -> None:
+    config = load_config(ROOT / "config.example.toml")
+    assert config.newsletter.regions[0] == "Asia-Pacific"
+    assert config.newsletter.catch_all == "Also this week"
+    assert config.newsletter.lookback_days == 7 and config.newsletter.max_per_region == 5
+    assert config.feeds[0].url == str(ROOT / "examples" / "sample-feed.xml")
+    assert config.database.url == f"sqlite:///{ROOT / 'digest.db'}"
+    assert config.schedule.misfire_grace_hours == 12
+    assert config.unsubscribe_secret
+
+
+def edit(tmp_path: Path, old: str, new: str) -> Path:
+    text = (ROOT / "config.example.toml").read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('concurrency = 4', 'concurency = 4', "unknown key 'smtp.concurency'"),
+        ("lookback_days = 7", 'lookback_days = "seven"', "key 'newsletter.lookback_days'"),
+        ('send_cron = "0 9 * * fri"', 'send_cron = "0 25 * * fri"', "key 'schedule.send_cron'"),
+        ('timezone = "America/New_York"', 'timezone = "Mars/Olympus"', "unknown time zone 'Mars/Olympus'"),
+        ('regions = ["Europe", "Middle East"]', 'regions = ["Europa"]', "'Europa' is not in newsletter.regions"),
+        ('security = "none"', 'security = "ssl"', "key 'smtp.security'"),
+        ('base_url = "http://127.0.0.1:8080"', 'base_url = "127.0.0.1"', "key 'unsubscribe.base_url'"),
+        ("[publication]", "[publication]\nname2 = 1", "unknown key 'publication.name2'"),
+        ('sender = "The Foreign Desk <roundup@foreign-desk.example.org>"', 'sender = "nobody"', "newsletter.sender"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    path = edit(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+    # Through the CLI: exit 2, one line on stderr, no traceback.
+    result = CliRunner().invoke(main, ["--config", str(path), "status"])
+    assert result.exit_code == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--config", str(tmp_path / "nope.toml"), "status"])
+    assert result.exit_code == 2 and "no such config file" in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[newsletter\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["--config", str(bad), "status"])
+    assert result.exit_code == 2 and "not valid TOML" in result.stderr
+
+
+def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = edit(tmp_path, 'secret = "dev-only-change-me-0123456789abcdef"',
+                'secret_env = "TEST_DIGEST_SECRET"')
+    monkeypatch.setenv("DIGEST_CONFIG", str(path))
+    monkeypatch.setenv("TEST_DIGEST_SECRET", "from-the-environment-123456")
+    assert load_config().unsubscribe_secret == "from-the-environment-123456"
+
+
+@pytest.mark.parametrize(
+    ("crontab", "expected"),
+    [
+        ("0 9 * * 5", "0 9 * * fri"),
+        ("0 9 * * 0", "0 9 * * sun"),
+        ("0 9 * * 7", "0 9 * * sun"),
+        ("0 9 * * 1-5", "0 9 * * mon-fri"),
+        ("0 9 * * fri", "0 9 * * fri"),
+        ("*/15 9 * * *", "*/15 9 * * *"),
+    ],
+)
+def test_crontab_weekdays_mean_what_crontab_means(crontab: str, expected: str) -> None:
+    # APScheduler 3 counts weekdays from Monday = 0; crontab from Sunday = 0.
+    assert crontab_for_apscheduler(crontab) == expected
