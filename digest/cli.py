@@ -8,6 +8,7 @@ once, in :class:`DigestGroup`, printed as one line, and turned into its exit cod
 from __future__ import annotations
 
 import sys
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -247,11 +248,9 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
     config = obj.config
     edition = _date(date_str, config)
     app = obj.app()
-    last = [0.0]
+    last = [time.monotonic()]
 
     def progress(stats: pipeline.SendStats) -> None:
-        import time
-
         now = time.monotonic()
         if now - last[0] >= 2:
             last[0] = now

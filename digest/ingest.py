@@ -226,7 +226,7 @@ def _article(entry: Mapping[str, Any], base: str) -> ParsedArticle:
 
     guid = _printable(_str(entry.get("id")), limit=0) or None
     if guid is not None and len(guid) > MAX_URL_LENGTH:
-        guid = None  # too long to index; the link still identifies the article
+        pass  # too long to index; the link still identifies the article
 
     summary = _str(entry.get("summary"))
     if not summary:
@@ -488,7 +488,7 @@ def _new_client() -> httpx.Client:
     return httpx.Client(
         timeout=TIMEOUT_SECONDS,
         follow_redirects=True,
-        
+        max_redirects=MAX_REDIRECTS,
         headers={"User-Agent": USER_AGENT},
     )
 

@@ -330,24 +330,35 @@ def send(
             report.new_deliveries = store.create_deliveries(session, issue.id)
             store.release_orphans(session, issue.id)
             store.skip_unsubscribed(session, issue.id)
-            issue = session.merge(issue)
-            if issue.status == IssueStatus.READY:
-                store.set_issue_status(session, issue, IssueStatus.SENDING, datetime.now(UTC))
             session.commit()
         editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
         factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
-        report.stats = asyncio.run(_send_async(app, issue, editions, signer, renderer, factory, progress))
+        try:
+            report.stats = asyncio.run(_send_async(app, issue, editions, signer, renderer, factory, progress))
+        finally:
+            # Whatever happened, rows this run claimed but never tried go back to pending
+            # (we still hold the lock, so no one else owns them).
+            counts = _settle(app, issue)
         report.editions = editions.rendered
-        with app.sessions() as session:
-            store.release_orphans(session, issue.id)
-            counts = store.delivery_counts(session, issue.id)
-            issue = session.merge(issue)
-            open_rows = counts["pending"] + counts["deferred"] + counts["sending"]
-            if open_rows == 0:
-                store.set_issue_status(session, issue, IssueStatus.SENT, datetime.now(UTC))
-            session.commit()
         report.counts = counts
         return report
+
+
+def _settle(app: App, issue: Issue) -> dict[str, int]:
+    """Release unsent claims and mark the issue sent once nothing is left open."""
+    with app.sessions() as session:
+        store.release_orphans(session, issue.id)
+        counts = store.delivery_counts(session, issue.id)
+        merged = session.merge(issue)
+        now = datetime.now(UTC)
+        # "sending" from the first delivered message: from then on readers have these
+        # articles, so later issues must not repeat them even if some rows are deferred.
+        if counts["pending"] + counts["deferred"] + counts["sending"] == 0:
+            store.set_issue_status(session, merged, IssueStatus.SENT, now)
+        elif counts["sent"] and merged.status == IssueStatus.READY:
+            store.set_issue_status(session, merged, IssueStatus.SENDING, now)
+        session.commit()
+        return counts
 
 
 async def _send_async(

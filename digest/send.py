@@ -146,6 +146,10 @@ class SMTPTransport:
 
 
 def _reason(exc: BaseException) -> str:
+    # aiosmtplib wraps the socket error; its strerror ("Connection refused") says it best.
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
     return str(exc).strip() or type(exc).__name__
 
 
