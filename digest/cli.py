@@ -311,3 +311,7 @@ def run(obj: Obj) -> None:
     config = obj.config
     obj.app()  # fail now, not at 09:00 on Friday, if the database is not initialised
     run_scheduler(config, log=lambda m: click.echo(m, err=True))
+
+
+if __name__ == "__main__":
+    main()

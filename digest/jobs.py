@@ -7,7 +7,7 @@ its path and composes what it needs through :mod:`digest.pipeline`.
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
 

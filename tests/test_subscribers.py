@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, event, select
@@ -22,6 +23,7 @@ from digest.subscribers import (
     CHUNK_SIZE,
     ImportReport,
     RejectedRow,
+    _EmailNormalizer,
     clean_name,
     export_csv,
     import_entries,
@@ -116,6 +118,70 @@ def test_normalize_email_is_safe_and_idempotent(raw: str) -> None:
     assert email.isascii() and email.isprintable() and " " not in email
     assert email == email.lower()
     assert normalize_email(email) == email
+
+
+def _reference(raw: str) -> str | None:
+    """What email_validator alone says: the normalized address, or None when invalid."""
+    try:
+        result = validate_email(raw.strip(), check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError:
+        return None
+    assert result.ascii_email is not None
+    return result.ascii_email.lower()
+
+
+_DOMAINS = [
+    "example.org",
+    "Example.ORG",
+    "exämple.org",
+    "xn--exmple-cua.org",
+    "localhost",
+    "example.test",
+    "-bad.org",
+    "a..b.org",
+    "example.org.",
+    "1.2.3.4",
+    "[1.2.3.4]",
+    ("d" * 63 + ".") * 3 + "org",  # a 196-character domain: the total length decides
+]
+_LOCALS = st.one_of(
+    st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,70}", fullmatch=True),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=12),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(_LOCALS, st.sampled_from(_DOMAINS)), min_size=1, max_size=20))
+def test_email_fast_path_agrees_with_email_validator(pairs: list[tuple[str, str]]) -> None:
+    # One normalizer for the whole list, as an import uses it, so the domain memo is hit.
+    normalize = _EmailNormalizer()
+    for local, domain in pairs:
+        raw = f"{local}@{domain}"
+        expected = _reference(raw)
+        if expected is None:
+            with pytest.raises(ValueError):
+                normalize(raw)
+            with pytest.raises(ValueError):
+                normalize_email(raw)
+        else:
+            assert normalize(raw) == expected
+            assert normalize_email(raw) == expected
+
+
+@pytest.mark.parametrize("domain", [("d" * 63 + ".") * 3 + "org", ("ä" * 20 + ".") * 5 + "org"])
+def test_email_fast_path_keeps_the_254_byte_limit(domain: str) -> None:
+    normalize = _EmailNormalizer()
+    verdicts = set()
+    for size in range(1, 130):
+        raw = f"{'x' * size}@{domain}"
+        expected = _reference(raw)
+        verdicts.add(expected is None)
+        if expected is None:
+            with pytest.raises(ValueError, match="too long"):
+                normalize(raw)
+        else:
+            assert normalize(raw) == expected
+    assert verdicts == {True, False}  # the limit was crossed
 
 
 def test_clean_name_turns_line_breaks_into_spaces_and_drops_controls() -> None:

@@ -1,0 +1,158 @@
+"""The scheduler: cron in the configured zone, persistent jobs, late firings, one runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from digest import pipeline, store
+from digest.config import load_config
+from digest.jobs import edition_date_for
+from digest.models import SubscriberStatus
+from digest.schedule import SEND_JOB, build_scheduler, run_scheduler, sync_jobs
+from tests.conftest import Recorder, rss, week_items
+
+NY = ZoneInfo("America/New_York")
+
+
+def test_edition_date_is_the_latest_firing() -> None:
+    trigger = load_config(Path(__file__).parent.parent / "config.example.toml").schedule.cron_trigger()
+    # Friday 09:00 New York.
+    assert edition_date_for(trigger, datetime(2026, 11, 28, 2, tzinfo=NY)) == date(2026, 11, 27)
+    assert edition_date_for(trigger, datetime(2026, 11, 27, 9, 0, tzinfo=NY)) == date(2026, 11, 27)
+    assert edition_date_for(trigger, datetime(2026, 11, 27, 8, 59, tzinfo=NY)) == date(2026, 11, 20)
+
+
+def _prepare(config_path: Path, feed_file: Path) -> pipeline.App:
+    """A database with this week's articles (relative to the real clock) and 3 readers."""
+    config = load_config(config_path)
+    edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
+    shift = datetime(edition.year, edition.month, edition.day, 12, tzinfo=UTC) - datetime(2026, 11, 27, 12, tzinfo=UTC)
+    items = week_items()
+    for it in items:
+        it["published"] += shift
+    feed_file.write_text(rss(items), encoding="utf-8")
+    pipeline.init_db(config)
+    app = pipeline.open_app(config)
+    assert pipeline.fetch(app).new == 10
+    now = datetime.now(UTC)
+    with app.sessions() as session:
+        store.add_subscribers(session, [
+            {"email": f"r{i}@example.org", "name": "", "regions": None, "status": SubscriberStatus.ACTIVE,
+             "source": "t", "created_at": now, "updated_at": now, "hard_bounces": 0} for i in range(3)
+        ])
+        session.commit()
+    return app
+
+
+def _stored_send_due_at(config_path: Path, when: datetime) -> None:
+    """Simulate a service that was down: the stored send job was due at ``when``."""
+    config = load_config(config_path)
+    scheduler = build_scheduler(config)
+    scheduler.start(paused=True)
+    sync_jobs(scheduler, config)
+    scheduler.modify_job(SEND_JOB, next_run_time=when)
+    # APScheduler 3 processes due jobs once more while shutting down (even when paused),
+    # which would "run" the job we just made due; detach the store first.
+    scheduler.remove_jobstore("default")
+    scheduler.shutdown(wait=False)
+
+
+def _run_for(config_path: Path, seconds: float, until: threading.Event | None = None) -> list[str]:
+    logs: list[str] = []
+    stop = until or threading.Event()
+    t = threading.Thread(target=run_scheduler, args=(load_config(config_path), logs.append, stop))
+    t.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and t.is_alive():
+        time.sleep(0.1)
+    stop.set()
+    t.join(30)
+    assert not t.is_alive()
+    return logs
+
+
+def test_late_start_within_grace_sends_once(
+    config_path: Path, feed_file: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    _, server = smtp_server
+    _prepare(config_path, feed_file)
+    _stored_send_due_at(config_path, datetime.now(UTC) - timedelta(hours=2))  # grace is 12 h
+    deadline = time.monotonic() + 20
+    logs: list[str] = []
+    stop = threading.Event()
+    t = threading.Thread(target=run_scheduler, args=(load_config(config_path), logs.append, stop))
+    t.start()
+    while len(server.messages) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    stop.set()
+    t.join(30)
+    assert sorted(r for m in server.messages for r in m.rcpt_tos) == [f"r{i}@example.org" for i in range(3)]
+    # Restarting does not fire it again: the stored job now points at next week.
+    _run_for(config_path, 2)
+    assert len(server.messages) == 3
+
+
+def test_late_start_after_grace_does_not_send(
+    config_path: Path, feed_file: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    _, server = smtp_server
+    _prepare(config_path, feed_file)
+    _stored_send_due_at(config_path, datetime.now(UTC) - timedelta(hours=13))
+    logs = _run_for(config_path, 3)
+    assert server.messages == []
+    assert any("missed its run time" in line for line in logs)
+
+
+def test_unchanged_jobs_keep_their_stored_run_time(config_path: Path, feed_file: Path) -> None:
+    _prepare(config_path, feed_file)
+    past = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    _stored_send_due_at(config_path, past)
+    config = load_config(config_path)
+    # (the stored job is reloaded from the database, not from the helper's scheduler)
+    scheduler = build_scheduler(config)
+    scheduler.start(paused=True)
+    try:
+        sync_jobs(scheduler, config)
+        job = scheduler.get_job(SEND_JOB)
+        assert job is not None and job.next_run_time == past
+        assert str(job.trigger).startswith("cron[") and "day_of_week='fri'" in str(job.trigger)
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+def test_second_runner_on_the_same_database_refuses(config_path: Path, feed_file: Path) -> None:
+    _prepare(config_path, feed_file)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [sys.executable, "-m", "digest.cli", "--config", str(config_path), "run"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until the first one holds the lock (it logs its next send time).
+        assert first.stderr is not None
+        line = ""
+        deadline = time.monotonic() + 30
+        while "next send at" not in line and time.monotonic() < deadline:
+            line = first.stderr.readline()
+        assert "next send at" in line
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another digest process holds 'scheduler'" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            pytest.fail("digest run did not stop on SIGTERM")
+    assert first.returncode == 0
