@@ -18,6 +18,7 @@ import click
 from digest import pipeline
 from digest.config import Config, default_config_path, load_config
 from digest.errors import DigestError
+from digest.send import SendStats
 
 
 class DigestGroup(click.Group):
@@ -57,7 +58,9 @@ def _date(value: str | None, config: Config) -> date:
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date; use YYYY-MM-DD", param_hint="--date") from None
+        raise click.BadParameter(
+            f"{value!r} is not a date; use YYYY-MM-DD", param_hint="--date"
+        ) from None
 
 
 @click.group(cls=DigestGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,7 +125,9 @@ def fetch(obj: Obj) -> None:
     report = pipeline.fetch(obj.app(), progress=progress)
     for r in report.feeds:
         state = "error" if r.error else ("not modified" if r.not_modified else "ok")
-        click.echo(f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected")
+        click.echo(
+            f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected"
+        )
     click.echo(f"total: {report.new} new, {report.updated} updated, {report.rejected} rejected")
     if not report.ok:
         sys.exit(1)
@@ -153,7 +158,9 @@ def subscribers_import(obj: Obj, path: Path | None) -> None:
     assert source is not None
     report = import_path(app.sessions, source, config.newsletter.regions, datetime.now(UTC))
     for row in report.rejected:
-        click.echo(f"digest: {source.name}: {row.line}: rejected {row.value}: {row.reason}", err=True)
+        click.echo(
+            f"digest: {source.name}: {row.line}: rejected {row.value}: {row.reason}", err=True
+        )
     click.echo(
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
@@ -209,16 +216,26 @@ def unsubscribe(obj: Obj, email: str) -> None:
     with obj.app().sessions() as session:
         changed = do_unsubscribe(session, addr, datetime.now(UTC))
         session.commit()
-    click.echo(f"{addr}: unsubscribed" if changed else f"{addr}: already unsubscribed or not on the list")
+    click.echo(
+        f"{addr}: unsubscribed" if changed else f"{addr}: already unsubscribed or not on the list"
+    )
 
 
 @main.command()
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
 @click.option("--subscriber", metavar="EMAIL", help="Render that subscriber's edition.")
-@click.option("--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE instead of stdout.",
+)
 @pass_obj
-def preview(obj: Obj, date_str: str | None, subscriber: str | None, fmt: str, out: Path | None) -> None:
+def preview(
+    obj: Obj, date_str: str | None, subscriber: str | None, fmt: str, out: Path | None
+) -> None:
     """Render exactly what `send` would send for a date; sends and records nothing.
 
     Example: digest preview --date 2026-11-27 --out roundup.html
@@ -250,29 +267,43 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
     app = obj.app()
     last = [time.monotonic()]
 
-    def progress(stats: pipeline.SendStats) -> None:
+    def progress(stats: SendStats) -> None:
         now = time.monotonic()
         if now - last[0] >= 2:
             last[0] = now
-            click.echo(f"  … {stats.sent} sent, {stats.failed} failed, {stats.retries} retried", err=True)
+            click.echo(
+                f"  … {stats.sent} sent, {stats.failed} failed, {stats.retries} retried", err=True
+            )
 
     report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
     click.echo(f"round-up {report.edition_date}: {report.subject}")
     if report.dry_run:
-        click.echo(f"dry run: would send {report.would_send} messages in {report.editions} editions, "
-                   f"skip {report.stats.skipped} (empty edition); nothing sent")
+        click.echo(
+            f"dry run: would send {report.would_send} messages in {report.editions} editions, "
+            f"skip {report.stats.skipped} (empty edition); nothing sent"
+        )
         return
     s, c = report.stats, report.counts
-    click.echo(f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
-               f"{s.retries} retries, {report.editions} editions rendered")
-    click.echo(f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
-               f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending")
+    click.echo(
+        f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
+        f"{s.retries} retries, {report.editions} editions rendered"
+    )
+    click.echo(
+        f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
+        f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
+    )
     if c["deferred"]:
-        click.echo(f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
-                   "again later (the scheduler retries on its own)", err=True)
+        click.echo(
+            f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
+            "again later (the scheduler retries on its own)",
+            err=True,
+        )
     if c["failed"]:
-        click.echo(f"digest: {c['failed']} deliveries failed permanently; see "
-                   f"`digest deliveries --failed --date {edition}`", err=True)
+        click.echo(
+            f"digest: {c['failed']} deliveries failed permanently; see "
+            f"`digest deliveries --failed --date {edition}`",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -286,15 +317,19 @@ def status(obj: Obj, limit: int) -> None:
     """
     report = pipeline.status(obj.app(), limit)
     subs = report.subscribers
-    click.echo(f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} unsubscribed, "
-               f"{subs.get('bounced', 0)} bounced; articles stored: {report.articles}")
+    click.echo(
+        f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} unsubscribed, "
+        f"{subs.get('bounced', 0)} bounced; articles stored: {report.articles}"
+    )
     if not report.issues:
         click.echo("no issues yet")
     for row in report.issues:
         c = row.counts
-        click.echo(f"{row.edition_date}  {row.status:<8} sent {c['sent']}, deferred {c['deferred']}, "
-                   f"failed {c['failed']}, skipped {c['skipped']}, pending {c['pending'] + c['sending']}"
-                   f"  {row.subject}")
+        click.echo(
+            f"{row.edition_date}  {row.status:<8} sent {c['sent']}, deferred {c['deferred']}, "
+            f"failed {c['failed']}, skipped {c['skipped']}, pending {c['pending'] + c['sending']}"
+            f"  {row.subject}"
+        )
 
 
 @main.command()

@@ -299,7 +299,9 @@ def _resolve(config: Config, path: Path) -> Config:
         return None if p is None else (p if p.is_absolute() else base / p)
 
     feeds = [
-        f if re.match(r"^https?://", f.url, re.I) else f.model_copy(update={"url": str(rel(Path(f.url)))})
+        f
+        if re.match(r"^https?://", f.url, re.I)
+        else f.model_copy(update={"url": str(rel(Path(f.url)))})
         for f in config.feeds
     ]
     db_url = config.database.url

@@ -45,7 +45,14 @@ def scheduled_send(config_path: str) -> None:
         log.error("send %s: %s", edition, exc)
         raise
     s = report.stats
-    log.info("send %s: %d sent, %d failed, %d deferred, %d skipped", edition, s.sent, s.failed, s.deferred, s.skipped)
+    log.info(
+        "send %s: %d sent, %d failed, %d deferred, %d skipped",
+        edition,
+        s.sent,
+        s.failed,
+        s.deferred,
+        s.skipped,
+    )
 
 
 def scheduled_fetch(config_path: str) -> None:

@@ -7,6 +7,7 @@ engine together; the CLI and the scheduler call these functions and nothing belo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import signal
@@ -25,7 +26,15 @@ from digest.errors import NothingToSend, UsageError
 from digest.models import Article, DeliveryStatus, Issue, IssueStatus
 from digest.render import IssueContext, MessageTemplate, Recipient, Renderer
 from digest.select import Section, edition_key, edition_sections, select_sections, window
-from digest.send import Ledger, Outcome, Outgoing, RetryPolicy, SendEngine, SendStats, SMTPTransport, Transport
+from digest.send import (
+    Outcome,
+    Outgoing,
+    RetryPolicy,
+    SendEngine,
+    SendStats,
+    SMTPTransport,
+    Transport,
+)
 from digest.tokens import TokenSigner
 
 # Three hard bounces in a row and we stop mailing an address: mailbox providers read
@@ -67,10 +76,14 @@ def today(config: Config) -> date:
 
 
 def fetch(
-    app: App, now: datetime | None = None, progress: Callable[[ingest.FeedReport], None] | None = None
+    app: App,
+    now: datetime | None = None,
+    progress: Callable[[ingest.FeedReport], None] | None = None,
 ) -> ingest.FetchReport:
     """Pull every configured feed into the article store."""
-    return ingest.fetch_all(app.sessions, app.config.feeds, now or datetime.now(UTC), progress=progress)
+    return ingest.fetch_all(
+        app.sessions, app.config.feeds, now or datetime.now(UTC), progress=progress
+    )
 
 
 # --- issues ----------------------------------------------------------------------------------
@@ -112,7 +125,9 @@ def issue_sections(
     return None, plan_sections(session, config, edition_date)
 
 
-def build_issue(app: App, renderer: Renderer, edition_date: date) -> tuple[Issue, list[Section[Article]]]:
+def build_issue(
+    app: App, renderer: Renderer, edition_date: date
+) -> tuple[Issue, list[Section[Article]]]:
     """Freeze the selection for ``edition_date`` once; later calls return the same issue."""
     with app.sessions() as session:
         issue, sections = issue_sections(session, app.config, edition_date)
@@ -140,8 +155,13 @@ def message_id(issue: Issue, subscriber_id: int, domain: str) -> str:
 class Editions:
     """Each distinct region set's edition, rendered on first use and then reused."""
 
-    def __init__(self, config: Config, renderer: Renderer, issue_ctx: IssueContext,
-                 sections: Sequence[Section[Article]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        renderer: Renderer,
+        issue_ctx: IssueContext,
+        sections: Sequence[Section[Article]],
+    ) -> None:
         self._config = config
         self._renderer = renderer
         self._ctx = issue_ctx
@@ -168,7 +188,9 @@ class Editions:
 PreviewFormat = Literal["html", "text", "eml"]
 
 
-def preview(app: App, edition_date: date, subscriber_email: str | None, fmt: PreviewFormat) -> bytes:
+def preview(
+    app: App, edition_date: date, subscriber_email: str | None, fmt: PreviewFormat
+) -> bytes:
     """Exactly what ``send`` would send for that date; writes nothing."""
     config = app.config
     renderer = Renderer(config)
@@ -179,8 +201,12 @@ def preview(app: App, edition_date: date, subscriber_email: str | None, fmt: Pre
         issue_ctx = IssueContext(edition_date, issue.id if issue else None)
         if subscriber_email is None:
             template = renderer.edition(issue_ctx, sections)
-            rcpt = Recipient("reader@example.org", "", f"{config.unsubscribe.base_url}/unsubscribe/PREVIEW",
-                             f"<preview.{edition_date:%Y%m%d}@{renderer.domain}>")
+            rcpt = Recipient(
+                "reader@example.org",
+                "",
+                f"{config.unsubscribe.base_url}/unsubscribe/PREVIEW",
+                f"<preview.{edition_date:%Y%m%d}@{renderer.domain}>",
+            )
         else:
             from digest.subscribers import normalize_email
 
@@ -190,15 +216,23 @@ def preview(app: App, edition_date: date, subscriber_email: str | None, fmt: Pre
                 raise UsageError(f"--subscriber {subscriber_email!r}: {exc}") from None
             sub = store.subscriber_by_email(session, addr)
             if sub is None:
-                raise UsageError(f"--subscriber: no subscriber {addr}; see `digest subscribers list`")
+                raise UsageError(
+                    f"--subscriber: no subscriber {addr}; see `digest subscribers list`"
+                )
             chosen = edition_sections(sections, edition_key(sub.regions, config.newsletter.regions))
             if not chosen:
-                raise NothingToSend(f"{addr} gets no email for {edition_date}: none of their regions has articles")
+                raise NothingToSend(
+                    f"{addr} gets no email for {edition_date}: none of their regions has articles"
+                )
             template = renderer.edition(issue_ctx, chosen)
             signer = TokenSigner(config.unsubscribe_secret)
             fake_issue = issue or Issue(id=0, edition_date=edition_date)
-            rcpt = Recipient(sub.email, sub.name, signer.url(config.unsubscribe.base_url, sub.id),
-                             message_id(fake_issue, sub.id, renderer.domain))
+            rcpt = Recipient(
+                sub.email,
+                sub.name,
+                signer.url(config.unsubscribe.base_url, sub.id),
+                message_id(fake_issue, sub.id, renderer.domain),
+            )
     raw = template.personalize(rcpt)
     if fmt == "eml":
         return raw
@@ -260,8 +294,13 @@ class SQLLedger:
         delivered: list[int] = []
         try:
             for o, _ in batch:
-                row: dict[str, Any] = {"id": o.delivery_id, "status": o.status, "attempts": o.attempts,
-                                       "last_error": o.error, "lease_until": None}
+                row: dict[str, Any] = {
+                    "id": o.delivery_id,
+                    "status": o.status,
+                    "attempts": o.attempts,
+                    "last_error": o.error,
+                    "lease_until": None,
+                }
                 if o.message_id:
                     row["message_id"] = o.message_id
                 if o.status == DeliveryStatus.SENT:
@@ -334,7 +373,9 @@ def send(
         editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
         factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
         try:
-            report.stats = asyncio.run(_send_async(app, issue, editions, signer, renderer, factory, progress))
+            report.stats = asyncio.run(
+                _send_async(app, issue, editions, signer, renderer, factory, progress)
+            )
         finally:
             # Whatever happened, rows this run claimed but never tried go back to pending
             # (we still hold the lock, so no one else owns them).
@@ -382,17 +423,18 @@ async def _send_async(
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # Outside the main thread (the scheduler's worker, tests) the caller owns signals.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, engine.stop)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests, scheduler): the caller handles signals
     ledger_task = asyncio.create_task(ledger.run())
 
     async def source() -> AsyncIterator[Outgoing]:
         after = 0
         with app.sessions() as session:
             while True:
-                batch = store.claim_deliveries(session, issue.id, after, CLAIM_BATCH, datetime.now(UTC), LEASE)
+                batch = store.claim_deliveries(
+                    session, issue.id, after, CLAIM_BATCH, datetime.now(UTC), LEASE
+                )
                 if not batch:
                     return
                 after = batch[-1].delivery_id
@@ -400,12 +442,31 @@ async def _send_async(
                     template = editions.for_regions(c.regions)
                     if template is None:
                         engine.stats.skipped += 1
-                        ledger.record_later(Outcome(c.delivery_id, c.subscriber_id, DeliveryStatus.SKIPPED,
-                                                    c.attempts, error="edition is empty: no articles in the chosen regions"))
+                        ledger.record_later(
+                            Outcome(
+                                c.delivery_id,
+                                c.subscriber_id,
+                                DeliveryStatus.SKIPPED,
+                                c.attempts,
+                                error="edition is empty: no articles in the chosen regions",
+                            )
+                        )
                         continue
                     mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
-                    rcpt = Recipient(c.email, c.name, signer.url(config.unsubscribe.base_url, c.subscriber_id), mid)
-                    yield Outgoing(c.delivery_id, c.subscriber_id, c.email, template.personalize(rcpt), mid, c.attempts)
+                    rcpt = Recipient(
+                        c.email,
+                        c.name,
+                        signer.url(config.unsubscribe.base_url, c.subscriber_id),
+                        mid,
+                    )
+                    yield Outgoing(
+                        c.delivery_id,
+                        c.subscriber_id,
+                        c.email,
+                        template.personalize(rcpt),
+                        mid,
+                        c.attempts,
+                    )
 
     try:
         return await engine.run(source())
@@ -414,10 +475,8 @@ async def _send_async(
         await ledger_task
         ledger.dispose()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
 
 
 def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
@@ -427,8 +486,11 @@ def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
         issue, sections = issue_sections(session, config, edition_date)
         if not sections:
             raise _nothing(config, edition_date)
-        subject = issue.subject if issue else renderer.subject(
-            renderer.context(IssueContext(edition_date, None), sections))
+        subject = (
+            issue.subject
+            if issue
+            else renderer.subject(renderer.context(IssueContext(edition_date, None), sections))
+        )
         report = SendReport(edition_date, subject, dry_run=True)
         editions = Editions(config, renderer, IssueContext(edition_date, None), sections)
         for sub in store.iter_subscribers(session):
@@ -468,7 +530,9 @@ def status(app: App, limit: int = 10) -> StatusReport:
     """Recent issues with their delivery counts, and subscriber counts."""
     with app.sessions() as session:
         rows = [
-            IssueStatusRow(i.edition_date, str(i.status), i.subject, store.delivery_counts(session, i.id))
+            IssueStatusRow(
+                i.edition_date, str(i.status), i.subject, store.delivery_counts(session, i.id)
+            )
             for i in store.recent_issues(session, limit)
         ]
         return StatusReport(rows, store.subscriber_counts(session), store.article_count(session))

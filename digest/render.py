@@ -121,7 +121,11 @@ class MessageTemplate:
         self._parts = parts
 
     def _value(self, kind: str, key: str, rcpt: Recipient) -> bytes:
-        raw = {"name": rcpt.name or NAME_FALLBACK, "email": rcpt.email, "unsubscribe_url": rcpt.unsubscribe_url}[key]
+        raw = {
+            "name": rcpt.name or NAME_FALLBACK,
+            "email": rcpt.email,
+            "unsubscribe_url": rcpt.unsubscribe_url,
+        }[key]
         raw = one_line(raw)
         if kind == "html":
             raw = html_lib.escape(raw, quote=True)
@@ -147,7 +151,7 @@ class MessageTemplate:
         for kind, segments in self._parts:
             out.append(b"--" + self._boundary + b"\r\n")
             out.append(
-                f"Content-Type: text/{kind}; charset=\"utf-8\"\r\n"
+                f'Content-Type: text/{kind}; charset="utf-8"\r\n'
                 "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode()
             )
             for seg in segments:
@@ -172,7 +176,9 @@ class Renderer:
         self.config = config
         folder = templates_dir(config)
         if not folder.is_dir():
-            raise RenderError(f"templates folder {folder} does not exist (newsletter.templates_dir)")
+            raise RenderError(
+                f"templates folder {folder} does not exist (newsletter.templates_dir)"
+            )
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(folder)),
             autoescape=_autoescape,
@@ -189,9 +195,8 @@ class Renderer:
                 else self.env.get_template(SUBJECT_TEMPLATE)
             )
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(
-                f"{exc.filename or 'newsletter.subject'}:{exc.lineno}: template error: {exc.message}"
-            ) from None
+            where = exc.filename or "newsletter.subject"
+            raise RenderError(f"{where}:{exc.lineno}: template error: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderError(f"template {exc.name} not found in {folder}") from None
         self._from = config.newsletter.sender

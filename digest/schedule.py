@@ -13,7 +13,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -28,7 +33,9 @@ FETCH_JOB = "digest-fetch"
 def build_scheduler(config: Config) -> BackgroundScheduler:
     """A scheduler with the persistent job store; jobs are added by :func:`sync_jobs`."""
     return BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=config.database.url, tablename="apscheduler_jobs")},
+        jobstores={
+            "default": SQLAlchemyJobStore(url=config.database.url, tablename="apscheduler_jobs")
+        },
         executors={"default": {"type": "threadpool", "max_workers": 2}},
         job_defaults={"coalesce": True, "max_instances": 1},
         timezone=config.schedule.tz,
@@ -52,7 +59,9 @@ def sync_jobs(scheduler: BackgroundScheduler, config: Config) -> None:
         },
         FETCH_JOB: {
             "func": "digest.jobs:scheduled_fetch",
-            "trigger": IntervalTrigger(minutes=config.schedule.fetch_interval_minutes, timezone=config.schedule.tz),
+            "trigger": IntervalTrigger(
+                minutes=config.schedule.fetch_interval_minutes, timezone=config.schedule.tz
+            ),
             "misfire_grace_time": 60 * config.schedule.fetch_interval_minutes,
         },
     }
@@ -81,8 +90,10 @@ def run_scheduler(
 
         def on_event(event: JobExecutionEvent) -> None:
             if event.code == EVENT_JOB_MISSED:
-                log(f"digest run: {event.job_id} missed its run time {event.scheduled_run_time} "
-                    f"(more than misfire_grace_hours late); not sending late")
+                log(
+                    f"digest run: {event.job_id} missed its run time {event.scheduled_run_time} "
+                    f"(more than misfire_grace_hours late); not sending late"
+                )
             elif event.exception is not None:
                 log(f"digest run: {event.job_id} failed: {event.exception}")
 
@@ -92,8 +103,10 @@ def run_scheduler(
         sync_jobs(scheduler, config)
         scheduler.resume()
         send_job = scheduler.get_job(SEND_JOB)
-        log(f"digest run: next send at {send_job.next_run_time if send_job else '?'}; "
-            f"fetching every {config.schedule.fetch_interval_minutes} min; Ctrl-C to stop")
+        log(
+            f"digest run: next send at {send_job.next_run_time if send_job else '?'}; "
+            f"fetching every {config.schedule.fetch_interval_minutes} min; Ctrl-C to stop"
+        )
 
         def handle(signum: int, _frame: Any) -> None:
             stop.set()

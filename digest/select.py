@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 
 class Selectable(Protocol):
@@ -34,7 +34,14 @@ class Selectable(Protocol):
     def published_at(self) -> datetime: ...
 
 
-A = TypeVar("A", bound=Selectable)
+# Unbounded on purpose: mypy does not see SQLAlchemy's Mapped[...] attributes as
+# satisfying a Protocol bound of a TypeVar (it does for plain assignment), so the
+# functions below view their items through ``_view`` instead.
+A = TypeVar("A")
+
+
+def _view(item: object) -> Selectable:
+    return cast(Selectable, item)
 
 
 @dataclass
@@ -69,9 +76,9 @@ def select_sections(
     by_key = {r.casefold(): Section[A](r) for r in regions}
     rest = Section[A](catch_all, is_region=False)
     # Newest first; the id breaks ties so two runs never disagree on order.
-    ordered = sorted(articles, key=lambda a: (a.published_at, a.id), reverse=True)
+    ordered = sorted(articles, key=lambda a: (_view(a).published_at, _view(a).id), reverse=True)
     for article in ordered:
-        tags = {c.strip().casefold() for c in article.categories}
+        tags = {c.strip().casefold() for c in _view(article).categories}
         target = next((s for key, s in by_key.items() if key in tags), None)
         if target is None:
             if not catch_all:

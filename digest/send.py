@@ -212,7 +212,8 @@ class RetryPolicy:
     def delay(self, tries: int) -> float:
         """Seconds to wait before try number ``tries + 1``."""
         # Full jitter spreads K workers' retries so a throttling relay sees no burst.
-        return random.uniform(0.5, 1.0) * min(self.cap_seconds, self.base_seconds * 2 ** (tries - 1))
+        backoff: float = min(self.cap_seconds, self.base_seconds * 2.0 ** (tries - 1))
+        return random.uniform(0.5, 1.0) * backoff
 
 
 class SendEngine:
@@ -313,8 +314,15 @@ class SendEngine:
         except PermanentDeliveryError as exc:
             self.stats.failed += 1
             await self._ledger.record(
-                Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.FAILED, attempts,
-                        item.message_id, exc.reply or str(exc), permanent=True)
+                Outcome(
+                    item.delivery_id,
+                    item.subscriber_id,
+                    DeliveryStatus.FAILED,
+                    attempts,
+                    item.message_id,
+                    exc.reply or str(exc),
+                    permanent=True,
+                )
             )
             self._done_one()
             return
@@ -323,7 +331,9 @@ class SendEngine:
             return
         self.stats.sent += 1
         await self._ledger.record(
-            Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.SENT, attempts, item.message_id)
+            Outcome(
+                item.delivery_id, item.subscriber_id, DeliveryStatus.SENT, attempts, item.message_id
+            )
         )
         self._done_one()
 
@@ -334,9 +344,15 @@ class SendEngine:
         )
         delay = self._policy.delay(item.tries) if retry_here else self._policy.cap_seconds
         await self._ledger.record(
-            Outcome(item.delivery_id, item.subscriber_id, DeliveryStatus.DEFERRED, attempts,
-                    item.message_id, str(exc),
-                    next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay))
+            Outcome(
+                item.delivery_id,
+                item.subscriber_id,
+                DeliveryStatus.DEFERRED,
+                attempts,
+                item.message_id,
+                str(exc),
+                next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
+            )
         )
         if not retry_here:
             self.stats.deferred += 1

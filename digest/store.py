@@ -28,6 +28,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     text,
@@ -261,7 +262,9 @@ def create_issue(
     Raises :class:`IntegrityError`-free: when another process froze the same date first,
     that issue is returned instead, since the date is unique.
     """
-    issue = Issue(edition_date=edition_date, subject=subject, built_at=now, status=IssueStatus.READY)
+    issue = Issue(
+        edition_date=edition_date, subject=subject, built_at=now, status=IssueStatus.READY
+    )
     try:
         with session.begin_nested():
             session.add(issue)
@@ -402,10 +405,10 @@ def create_deliveries(session: Session, issue_id: int) -> int:
     """
     already = exists().where(Delivery.issue_id == issue_id, Delivery.subscriber_id == Subscriber.id)
     src = select(
-        func.cast(issue_id, Delivery.issue_id.type).label("issue_id"),
+        literal(issue_id, Delivery.issue_id.type).label("issue_id"),
         Subscriber.id,
-        func.cast(DeliveryStatus.PENDING.value, Delivery.status.type),
-        func.cast(0, Delivery.attempts.type),
+        literal(DeliveryStatus.PENDING.value, Delivery.status.type),
+        literal(0, Delivery.attempts.type),
     ).where(Subscriber.status == SubscriberStatus.ACTIVE, ~already)
     result = session.execute(
         insert(Delivery).from_select(["issue_id", "subscriber_id", "status", "attempts"], src)
@@ -521,14 +524,18 @@ def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:
     """Deliveries of an issue per status (every status present, zero when absent)."""
     counts = {s.value: 0 for s in DeliveryStatus}
     rows = session.execute(
-        select(Delivery.status, func.count()).where(Delivery.issue_id == issue_id).group_by(Delivery.status)
+        select(Delivery.status, func.count())
+        .where(Delivery.issue_id == issue_id)
+        .group_by(Delivery.status)
     )
     for status, n in rows:
         counts[str(status)] = n
     return counts
 
 
-def failed_deliveries(session: Session, issue_id: int | None) -> list[tuple[Issue, Subscriber, Delivery]]:
+def failed_deliveries(
+    session: Session, issue_id: int | None
+) -> list[tuple[Issue, Subscriber, Delivery]]:
     """Failed deliveries with their issue and subscriber, newest issue first."""
     stmt = (
         select(Issue, Subscriber, Delivery)
@@ -547,5 +554,3 @@ def delete_all(session: Session) -> None:
     for model in (Delivery, IssueArticle, Issue, Subscriber, Article, FeedState):
         session.execute(delete(model))
     session.commit()
-
-

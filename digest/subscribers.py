@@ -49,9 +49,6 @@ _VALUE_MAX: Final = 80
 # No legal address is longer than 254 characters; the slack allows surrounding spaces.
 # Anything longer is rejected before the (comparatively slow) validator sees it.
 _EMAIL_RAW_MAX: Final = 1000
-# Control, format (bidi overrides, zero-width), surrogate, private-use and unassigned
-# characters, and the Unicode line/paragraph separators, which some mail code treats as
-# line breaks. None of them belongs in an address.
 # RFC 5322 3.2.3 dot-atom of ASCII atext: the local parts email_validator accepts as they
 # are, without normalization (its own fast path uses the same rule).
 _ASCII_DOT_ATOM: Final = re.compile(
@@ -59,6 +56,9 @@ _ASCII_DOT_ATOM: Final = re.compile(
 )
 _EMAIL_MAX_BYTES: Final = 254  # RFC 5321 path limit, as email_validator applies it
 _DOMAIN_MEMO_MAX: Final = 10_000
+# Control, format (bidi overrides, zero-width), surrogate, private-use and unassigned
+# characters, and the Unicode line/paragraph separators, which some mail code treats as
+# line breaks. None of them belongs in an address.
 _UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _NAMED_ESCAPES: Final = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _UTF8_FIX: Final = "save it as UTF-8 (in Excel: Save As → 'CSV UTF-8')"
@@ -87,8 +87,8 @@ def normalize_email(raw: str) -> str:
 class _EmailNormalizer:
     """:func:`normalize_email` with a memo of validated domains, for bulk imports.
 
-    ``email_validator`` spends about 80% of its time on the domain (IDNA/UTS-46 checks,
-    ~40 µs an address), and a list of 100,000 addresses has a few thousand distinct
+    ``email_validator`` spends most of its ~40 µs an address on the domain (IDNA/UTS-46
+    checks), and a list of 100,000 addresses has a few thousand distinct
     domains. An address whose local part is a plain ASCII dot-atom is accepted by the
     validator exactly when its domain is and the whole fits in 254 bytes (it checks the
     local part's length only in strict mode), and its ASCII form is then
@@ -224,7 +224,7 @@ class RejectedRow:
 
 @dataclass
 class ImportReport:
-    """What one import did; every input row is counted exactly once."""
+    """What one import did: each non-blank input row is counted exactly once."""
 
     added: int = 0
     updated: int = 0
@@ -468,7 +468,7 @@ def import_path(
     """
     suffix = path.suffix.lower()
     if suffix == ".csv":
-
+        _check_csv(path)
         return _import(sessions, _csv_rows(path), regions, f"csv:{path.name}", now)
     if suffix == ".toml":
         return _import(sessions, _toml_rows(path), regions, f"toml:{path.name}", now)

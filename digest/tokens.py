@@ -14,8 +14,8 @@ from digest.errors import ConfigError, TokenError
 _SALT = "digest.unsubscribe.v1"
 
 SECRET_HINT = (
-    "set [unsubscribe] secret_env to a variable holding a long random string, e.g. "
-    "export DIGEST_UNSUBSCRIBE_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    "set [unsubscribe] secret (or secret_env) to a long random string, made with: "
+    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 )
 
 
@@ -24,8 +24,12 @@ class TokenSigner:
 
     def __init__(self, secret: str | None) -> None:
         if not secret or len(secret) < 16:
-            raise ConfigError(f"unsubscribe secret missing or shorter than 16 characters: {SECRET_HINT}")
-        self._s = itsdangerous.URLSafeSerializer(secret, salt=_SALT, signer_kwargs={"digest_method": _sha256()})
+            raise ConfigError(
+                f"unsubscribe secret missing or shorter than 16 characters: {SECRET_HINT}"
+            )
+        self._s = itsdangerous.URLSafeSerializer(
+            secret, salt=_SALT, signer_kwargs={"digest_method": _sha256()}
+        )
 
     def token(self, subscriber_id: int) -> str:
         """The token for one subscriber."""

@@ -56,7 +56,9 @@ class Recorder:
     data_replies: list[str] = field(default_factory=list)
     sessions: int = 0
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         reply = self.rcpt_replies.get(address)
         if reply:
             return reply
@@ -67,7 +69,12 @@ class Recorder:
         if self.data_replies:
             return self.data_replies.pop(0)
         self.messages.append(
-            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, tuple(session.peer))
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                tuple(session.peer),
+            )
         )
         return "250 2.0.0 Message accepted"
 
@@ -95,11 +102,12 @@ def rss(items: list[dict[str, Any]], site: str = "https://news.example.org/") ->
         pub = it["published"].strftime("%a, %d %b %Y %H:%M:%S +0000") if it.get("published") else ""
         image = (
             f'<media:content url="{escape(it["image"])}" medium="image" type="image/jpeg"/>'
-            if it.get("image") else ""
+            if it.get("image")
+            else ""
         )
         out.append(
             f"<item><title>{escape(it['title'])}</title><link>{escape(it['link'])}</link>"
-            f"<guid isPermaLink=\"false\">{escape(it.get('guid', it['link']))}</guid>"
+            f'<guid isPermaLink="false">{escape(it.get("guid", it["link"]))}</guid>'
             + (f"<pubDate>{pub}</pubDate>" if pub else "")
             + cats
             + f"<description>{escape(it.get('dek', ''))}</description>"
@@ -124,7 +132,7 @@ def week_items() -> list[dict[str, Any]]:
     """Articles of the week ending 2026-11-27 (New York), two per region plus extras."""
     base = EDITION
     items = []
-    for i, region in enumerate(REGIONS + ["Sport"]):
+    for i, region in enumerate([*REGIONS, "Sport"]):
         for j in range(2):
             n = i * 2 + j
             items.append(
@@ -141,12 +149,18 @@ def week_items() -> list[dict[str, Any]]:
     return items
 
 
-def write_config(tmp_path: Path, port: int = 2525, extra: str = "", feeds: list[str] | None = None,
-                 smtp_extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path,
+    port: int = 2525,
+    extra: str = "",
+    feeds: list[str] | None = None,
+    smtp_extra: str = "",
+) -> Path:
     feeds = feeds if feeds is not None else ["feed.xml"]
     feed_lines = "".join(f'\n[[feeds]]\nurl = "{f}"\n' for f in feeds)
-    text = textwrap.dedent(
-        f"""
+    text = (
+        textwrap.dedent(
+            f"""
         [publication]
         name = "The Test Desk"
         url = "https://news.example.org"
@@ -175,7 +189,10 @@ def write_config(tmp_path: Path, port: int = 2525, extra: str = "", feeds: list[
         base_url = "https://news.example.org/u"
         secret = "test-secret-0123456789abcdef"
         """
-    ).replace("regions = [", "regions = [").replace("'", '"')
+        )
+        .replace("regions = [", "regions = [")
+        .replace("'", '"')
+    )
     path = tmp_path / "config.toml"
     path.write_text(text + feed_lines + extra, encoding="utf-8")
     return path

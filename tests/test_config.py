@@ -36,15 +36,31 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ('concurrency = 4', 'concurency = 4', "unknown key 'smtp.concurency'"),
+        ("concurrency = 4", "concurency = 4", "unknown key 'smtp.concurency'"),
         ("lookback_days = 7", 'lookback_days = "seven"', "key 'newsletter.lookback_days'"),
         ('send_cron = "0 9 * * fri"', 'send_cron = "0 25 * * fri"', "key 'schedule.send_cron'"),
-        ('timezone = "America/New_York"', 'timezone = "Mars/Olympus"', "unknown time zone 'Mars/Olympus'"),
-        ('regions = ["Europe", "Middle East"]', 'regions = ["Europa"]', "'Europa' is not in newsletter.regions"),
+        (
+            'timezone = "America/New_York"',
+            'timezone = "Mars/Olympus"',
+            "unknown time zone 'Mars/Olympus'",
+        ),
+        (
+            'regions = ["Europe", "Middle East"]',
+            'regions = ["Europa"]',
+            "'Europa' is not in newsletter.regions",
+        ),
         ('security = "none"', 'security = "ssl"', "key 'smtp.security'"),
-        ('base_url = "http://127.0.0.1:8080"', 'base_url = "127.0.0.1"', "key 'unsubscribe.base_url'"),
+        (
+            'base_url = "http://127.0.0.1:8080"',
+            'base_url = "127.0.0.1"',
+            "key 'unsubscribe.base_url'",
+        ),
         ("[publication]", "[publication]\nname2 = 1", "unknown key 'publication.name2'"),
-        ('sender = "The Foreign Desk <roundup@foreign-desk.example.org>"', 'sender = "nobody"', "newsletter.sender"),
+        (
+            'sender = "The Foreign Desk <roundup@foreign-desk.example.org>"',
+            'sender = "nobody"',
+            "newsletter.sender",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
@@ -71,8 +87,11 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
 
 
 def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = edit(tmp_path, 'secret = "dev-only-change-me-0123456789abcdef"',
-                'secret_env = "TEST_DIGEST_SECRET"')
+    path = edit(
+        tmp_path,
+        'secret = "dev-only-change-me-0123456789abcdef"',
+        'secret_env = "TEST_DIGEST_SECRET"',
+    )
     monkeypatch.setenv("DIGEST_CONFIG", str(path))
     monkeypatch.setenv("TEST_DIGEST_SECRET", "from-the-environment-123456")
     assert load_config().unsubscribe_secret == "from-the-environment-123456"

@@ -19,7 +19,9 @@ def run(config_path: Path, *args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_round_up_end_to_end(tmp_path: Path, config_path: Path, smtp_server: tuple[object, Recorder]) -> None:
+def test_round_up_end_to_end(
+    tmp_path: Path, config_path: Path, smtp_server: tuple[object, Recorder]
+) -> None:
     _, server = smtp_server
     csv = tmp_path / "readers.csv"
     csv.write_text(
@@ -51,9 +53,9 @@ def test_round_up_end_to_end(tmp_path: Path, config_path: Path, smtp_server: tup
         assert msg["To"].addresses[0].addr_spec == rcpt
         text = msg.get_body(("plain",)).get_content()
         html = msg.get_body(("html",)).get_content()
-        sections = [r for r in REGIONS + ["Also this week"] if r.upper() in text]
+        sections = [r for r in [*REGIONS, "Also this week"] if r.upper() in text]
         if rcpt == "all@example.org":
-            assert sections == REGIONS + ["Also this week"]
+            assert sections == [*REGIONS, "Also this week"]
             assert "Ada &lt;Lovelace&gt;" in html and "<Lovelace>" not in html
             assert "Hello Ada <Lovelace>," in text
         elif rcpt == "eu@example.org":
@@ -65,7 +67,9 @@ def test_round_up_end_to_end(tmp_path: Path, config_path: Path, smtp_server: tup
             assert "Hello there," in text
         # Same articles and links in both parts.
         links = set(re.findall(r"https://news\.example\.org/(?!img)[a-z-]+/\d", text))
-        assert links and links == set(re.findall(r"https://news\.example\.org/(?!img)[a-z-]+/\d", html))
+        assert links and links == set(
+            re.findall(r"https://news\.example\.org/(?!img)[a-z-]+/\d", html)
+        )
         # Their own unsubscribe link, in the header and both parts, verifying to their id.
         url = msg["List-Unsubscribe"].strip("<>")
         assert url in text and url in html

@@ -25,7 +25,9 @@ NY = ZoneInfo("America/New_York")
 
 
 def test_edition_date_is_the_latest_firing() -> None:
-    trigger = load_config(Path(__file__).parent.parent / "config.example.toml").schedule.cron_trigger()
+    trigger = load_config(
+        Path(__file__).parent.parent / "config.example.toml"
+    ).schedule.cron_trigger()
     # Friday 09:00 New York.
     assert edition_date_for(trigger, datetime(2026, 11, 28, 2, tzinfo=NY)) == date(2026, 11, 27)
     assert edition_date_for(trigger, datetime(2026, 11, 27, 9, 0, tzinfo=NY)) == date(2026, 11, 27)
@@ -36,7 +38,9 @@ def _prepare(config_path: Path, feed_file: Path) -> pipeline.App:
     """A database with this week's articles (relative to the real clock) and 3 readers."""
     config = load_config(config_path)
     edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
-    shift = datetime(edition.year, edition.month, edition.day, 12, tzinfo=UTC) - datetime(2026, 11, 27, 12, tzinfo=UTC)
+    shift = datetime(edition.year, edition.month, edition.day, 12, tzinfo=UTC) - datetime(
+        2026, 11, 27, 12, tzinfo=UTC
+    )
     items = week_items()
     for it in items:
         it["published"] += shift
@@ -46,10 +50,22 @@ def _prepare(config_path: Path, feed_file: Path) -> pipeline.App:
     assert pipeline.fetch(app).new == 10
     now = datetime.now(UTC)
     with app.sessions() as session:
-        store.add_subscribers(session, [
-            {"email": f"r{i}@example.org", "name": "", "regions": None, "status": SubscriberStatus.ACTIVE,
-             "source": "t", "created_at": now, "updated_at": now, "hard_bounces": 0} for i in range(3)
-        ])
+        store.add_subscribers(
+            session,
+            [
+                {
+                    "email": f"r{i}@example.org",
+                    "name": "",
+                    "regions": None,
+                    "status": SubscriberStatus.ACTIVE,
+                    "source": "t",
+                    "created_at": now,
+                    "updated_at": now,
+                    "hard_bounces": 0,
+                }
+                for i in range(3)
+            ],
+        )
         session.commit()
     return app
 
@@ -97,7 +113,9 @@ def test_late_start_within_grace_sends_once(
     time.sleep(0.5)
     stop.set()
     t.join(30)
-    assert sorted(r for m in server.messages for r in m.rcpt_tos) == [f"r{i}@example.org" for i in range(3)]
+    assert sorted(r for m in server.messages for r in m.rcpt_tos) == [
+        f"r{i}@example.org" for i in range(3)
+    ]
     # Restarting does not fire it again: the stored job now points at next week.
     _run_for(config_path, 2)
     assert len(server.messages) == 3
@@ -135,7 +153,9 @@ def test_second_runner_on_the_same_database_refuses(config_path: Path, feed_file
     _prepare(config_path, feed_file)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     cmd = [sys.executable, "-m", "digest.cli", "--config", str(config_path), "run"]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         # Wait until the first one holds the lock (it logs its next send time).
         assert first.stderr is not None

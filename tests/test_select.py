@@ -42,7 +42,10 @@ def test_first_configured_region_wins_case_insensitively() -> None:
 
 def test_unmatched_go_to_catch_all_or_nowhere() -> None:
     arts = [A(1, ["Sport"]), A(2, []), A(3, ["Europe"])]
-    assert [s.name for s in select_sections(arts, REGIONS, "Also this week", 5)] == ["Europe", "Also this week"]
+    assert [s.name for s in select_sections(arts, REGIONS, "Also this week", 5)] == [
+        "Europe",
+        "Also this week",
+    ]
     assert [s.name for s in select_sections(arts, REGIONS, "", 5)] == ["Europe"]
 
 
@@ -75,8 +78,13 @@ def test_articles_of_an_earlier_sent_issue_are_not_repeated(app: pipeline.App) -
     with app.sessions() as session:
         first = pipeline.plan_sections(session, config, date(2026, 11, 26))
         ids = [a.id for s in first for a in s.articles]
-        issue = store.create_issue(session, date(2026, 11, 26), "s", [(s.name, [a.id for a in s.articles]) for s in first],
-                                   datetime.now(UTC))
+        issue = store.create_issue(
+            session,
+            date(2026, 11, 26),
+            "s",
+            [(s.name, [a.id for a in s.articles]) for s in first],
+            datetime.now(UTC),
+        )
         session.commit()
         # A ready (never sent) issue does not hide its articles…
         again = pipeline.plan_sections(session, config, date(2026, 11, 27))

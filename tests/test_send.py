@@ -22,11 +22,22 @@ def add_subscribers(app: pipeline.App, n: int, regions: list[str] | None = None)
     now = datetime.now(UTC)
     emails = [f"reader{i}@example.org" for i in range(n)]
     with app.sessions() as session:
-        store.add_subscribers(session, [
-            {"email": e, "name": f"Reader {i}", "regions": regions, "status": SubscriberStatus.ACTIVE,
-             "source": "test", "created_at": now, "updated_at": now, "hard_bounces": 0}
-            for i, e in enumerate(emails)
-        ])
+        store.add_subscribers(
+            session,
+            [
+                {
+                    "email": e,
+                    "name": f"Reader {i}",
+                    "regions": regions,
+                    "status": SubscriberStatus.ACTIVE,
+                    "source": "test",
+                    "created_at": now,
+                    "updated_at": now,
+                    "hard_bounces": 0,
+                }
+                for i, e in enumerate(emails)
+            ],
+        )
         session.commit()
     return emails
 
@@ -38,7 +49,9 @@ def ledger(app: pipeline.App) -> dict[str, int]:
         return store.delivery_counts(session, issue.id)
 
 
-def test_everyone_once_over_reused_connections(app: pipeline.App, smtp_server: tuple[object, Recorder]) -> None:
+def test_everyone_once_over_reused_connections(
+    app: pipeline.App, smtp_server: tuple[object, Recorder]
+) -> None:
     _, server = smtp_server
     emails = add_subscribers(app, 40)
     report = pipeline.send(app, D)
@@ -62,7 +75,11 @@ def test_transient_failures_are_retried_and_not_doubled(
 ) -> None:
     _, server = smtp_server
     emails = add_subscribers(app, 10)
-    server.data_replies = ["451 4.3.0 try again later", "421 4.7.0 too busy, closing", "452 4.3.1 full"]
+    server.data_replies = [
+        "451 4.3.0 try again later",
+        "421 4.7.0 too busy, closing",
+        "452 4.3.1 full",
+    ]
     server.rcpt_replies = {}
     report = pipeline.send(app, D)
     assert report.stats.sent == 10 and report.stats.retries == 3
@@ -80,18 +97,23 @@ def test_permanent_failures_are_recorded_and_exit_1(
     result = CliRunner().invoke(main, ["--config", str(config_path), "send", "--date", str(D)])
     assert result.exit_code == 1
     assert "1 deliveries failed permanently" in result.stderr
-    assert len(server.messages) == 5 and emails[2] not in {r for m in server.messages for r in m.rcpt_tos}
+    assert len(server.messages) == 5 and emails[2] not in {
+        r for m in server.messages for r in m.rcpt_tos
+    }
     with app.sessions() as session:
         failed = store.failed_deliveries(session, None)
-        assert [(s.email, d.last_error) for _, s, d in failed] == [(emails[2], "550 5.1.1 No such user here")]
+        assert [(s.email, d.last_error) for _, s, d in failed] == [
+            (emails[2], "550 5.1.1 No such user here")
+        ]
         sub = store.subscriber_by_email(session, emails[2])
         assert sub is not None and sub.hard_bounces == 1 and sub.status == "active"
     counts = ledger(app)
     assert counts["failed"] == 1 and counts["sent"] == 5
 
 
-def test_smtp_down_is_one_line_and_the_next_run_delivers(tmp_path: Path, feed_file: Path,
-                                                          smtp_server: tuple[object, Recorder]) -> None:
+def test_smtp_down_is_one_line_and_the_next_run_delivers(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[object, Recorder]
+) -> None:
     controller, server = smtp_server
     down = write_config(tmp_path, port=free_port())
     config = load_config(down)
@@ -101,7 +123,10 @@ def test_smtp_down_is_one_line_and_the_next_run_delivers(tmp_path: Path, feed_fi
     add_subscribers(app, 5)
     result = CliRunner().invoke(main, ["--config", str(down), "send", "--date", str(D)])
     assert result.exit_code == 1
-    assert result.stderr.count("\n") == 1 and "cannot connect to SMTP server 127.0.0.1:" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "cannot connect to SMTP server 127.0.0.1:" in result.stderr
+    )
     assert ledger(app)["sent"] == 0 and ledger(app)["pending"] == 5
     with pytest.raises(SMTPUnavailableError):
         pipeline.send(app, D)
@@ -112,11 +137,15 @@ def test_smtp_down_is_one_line_and_the_next_run_delivers(tmp_path: Path, feed_fi
     assert len(server.messages) == 5
 
 
-def test_unsubscribed_between_runs_is_skipped(app: pipeline.App, smtp_server: tuple[object, Recorder]) -> None:
+def test_unsubscribed_between_runs_is_skipped(
+    app: pipeline.App, smtp_server: tuple[object, Recorder]
+) -> None:
     _, server = smtp_server
     emails = add_subscribers(app, 4)
     server.rcpt_replies = {emails[1]: "450 4.2.1 mailbox busy"}
-    app_cfg = app.config.model_copy(update={"smtp": app.config.smtp.model_copy(update={"max_attempts": 1})})
+    app_cfg = app.config.model_copy(
+        update={"smtp": app.config.smtp.model_copy(update={"max_attempts": 1})}
+    )
     first = pipeline.send(pipeline.App(app_cfg, app.engine, app.sessions), D)
     assert first.stats.sent == 3 and first.stats.deferred == 1
     with app.sessions() as session:

@@ -274,18 +274,19 @@ def test_rejected_rows_name_the_physical_line_and_escape_the_value(
         "email,name,regions\n"  # line 1
         '"ann@example.org\r\nBcc: x@example.org",Evil,\n'  # lines 2-3: quoted line break
         "\n"  # line 4: blank, skipped
-        "bob@example.org,Bob,\n"  # line 5
-        f"{'y' * 300}@example.org,Long,\n"  # line 6
-        "carol@example.org,Carol,Asia,extra\n"  # line 7: one field too many
+        " , ,\n"  # line 5: empty cells as spreadsheets leave them, skipped
+        "bob@example.org,Bob,\n"  # line 6
+        f"{'y' * 300}@example.org,Long,\n"  # line 7
+        "carol@example.org,Carol,Asia,extra\n"  # line 8: one field too many
     )
     report = import_path(sessions, write_csv(tmp_path, text), REGIONS, NOW)
     assert report.added == 1
     crlf, long, extra = report.rejected
     assert crlf == RejectedRow("line 2", "ann@example.org\\r\\nBcc: x@example.org", crlf.reason)
     assert "control character" in crlf.reason
-    assert long.line == "line 6"
+    assert long.line == "line 7"
     assert len(long.value) <= 81 and long.value.endswith("…")
-    assert extra.line == "line 7" and "header has 3" in extra.reason
+    assert extra.line == "line 8" and "header has 3" in extra.reason
     assert set(stored(sessions)) == {"bob@example.org"}
 
 
@@ -397,15 +398,19 @@ def test_import_never_reactivates_unsubscribed_or_bounced(
 def test_file_that_is_not_utf8_is_refused_before_anything_is_written(
     tmp_path: Path, sessions: sessionmaker[Session]
 ) -> None:
+    # The bad byte comes after more than a chunk of good rows (and past the decoder's
+    # first buffer), so only checking the whole file first keeps the import all-or-nothing.
+    good = "".join(f"user{i}@example.org,User {i}\n" for i in range(CHUNK_SIZE + 500))
     path = tmp_path / "latin1.csv"
     path.write_bytes(
-        b"email,name\nann@example.org,Ann\nbob@example.org,Jos\xe9\ncarol@example.org,C\n"
+        b"email,name\n" + good.encode() + b"bob@example.org,Jos\xe9\ncarol@example.org,C\n"
     )
     with pytest.raises(UsageError) as info:
         import_path(sessions, path, REGIONS, NOW)
     message = str(info.value)
-    assert str(path) in message and "line 3" in message and "save it as UTF-8" in message
-    assert "\n" not in message
+    assert str(path) in message
+    assert f"line {CHUNK_SIZE + 502} " in message and "0xe9" in message
+    assert "save it as UTF-8" in message and "\n" not in message
     assert stored(sessions) == {}
 
 
