@@ -333,6 +333,71 @@ def status(obj: Obj, limit: int) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, help="Port to listen on.")
+@pass_obj
+def serve(obj: Obj, host: str, port: int) -> None:
+    """Serve the unsubscribe pages ([unsubscribe] base_url must reach this).
+
+    One-click POST /unsubscribe/TOKEN (RFC 8058), a confirm page on GET, GET /healthz.
+    Put it behind your HTTPS reverse proxy.
+
+    Example: digest serve --host 127.0.0.1 --port 8080
+    """
+    import uvicorn
+
+    from digest.serve import create_app
+
+    app = obj.app()
+    uvicorn.run(create_app(obj.config, app.sessions), host=host, port=port, log_level="info")
+
+
+@main.group()
+def dkim() -> None:
+    """DKIM keys."""
+
+
+@dkim.command("keygen")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the private key (default: [dkim] private_key_path).",
+)
+@click.option("--selector", help="DKIM selector (default: [dkim] selector).")
+@click.option("--domain", help="Signing domain (default: [dkim] domain).")
+@click.option(
+    "--bits", default="2048", show_default=True, type=click.Choice(["2048", "3072", "4096"])
+)
+@pass_obj
+def dkim_keygen(
+    obj: Obj, out: Path | None, selector: str | None, domain: str | None, bits: int
+) -> None:
+    """Write an RSA key pair for DKIM and print the DNS TXT record to publish.
+
+    Example: digest dkim keygen --out dkim.pem --selector digest --domain example.org
+    """
+    from digest.dkimsign import keygen
+    from digest.errors import UsageError
+
+    cfg = None
+    if out is None or selector is None or domain is None:
+        cfg = obj.config.dkim
+        if cfg is None:
+            raise UsageError("no [dkim] section in the config: pass --out, --selector and --domain")
+    out = out or (cfg.private_key_path if cfg else None)
+    selector = selector or (cfg.selector if cfg else None)
+    domain = domain or (cfg.domain if cfg else None)
+    if out is None or selector is None or domain is None:
+        raise UsageError("set [dkim] private_key_path, or pass --out")
+    if out.exists():
+        raise UsageError(f"{out} exists; refusing to overwrite a key (move it away first)")
+    record = keygen(out, int(bits))
+    click.echo(f"wrote private key {out} (keep it secret; mode 0600)", err=True)
+    click.echo("Publish this DNS TXT record:")
+    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{record}"')
+
+
+@main.command()
 @pass_obj
 def run(obj: Obj) -> None:
     """Run the scheduler in the foreground: fetch every N minutes, send on the cron.

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest import ingest, store
 from digest.config import Config
+from digest.dkimsign import DKIMSigner, load_signer
 from digest.errors import NothingToSend, UsageError
 from digest.models import Article, DeliveryStatus, Issue, IssueStatus
 from digest.render import IssueContext, MessageTemplate, Recipient, Renderer
@@ -234,6 +235,9 @@ def preview(
                 message_id(fake_issue, sub.id, renderer.domain),
             )
     raw = template.personalize(rcpt)
+    dkim = load_signer(config.dkim)
+    if dkim is not None:
+        raw = dkim.sign(raw)
     if fmt == "eml":
         return raw
     msg = email.message_from_bytes(raw, policy=email.policy.default)
@@ -362,6 +366,7 @@ def send(
     if dry_run:
         return _dry_run(app, renderer, edition_date)
     signer = TokenSigner(config.unsubscribe_secret)
+    dkim = load_signer(config.dkim)
     with store.exclusive_lock(app.engine, f"send:{edition_date.isoformat()}"):
         issue, sections = build_issue(app, renderer, edition_date)
         report = SendReport(edition_date, issue.subject, dry_run=False)
@@ -374,7 +379,7 @@ def send(
         factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
         try:
             report.stats = asyncio.run(
-                _send_async(app, issue, editions, signer, renderer, factory, progress)
+                _send_async(app, issue, editions, signer, dkim, renderer, factory, progress)
             )
         finally:
             # Whatever happened, rows this run claimed but never tried go back to pending
@@ -407,6 +412,7 @@ async def _send_async(
     issue: Issue,
     editions: Editions,
     signer: TokenSigner,
+    dkim: DKIMSigner | None,
     renderer: Renderer,
     transports: TransportFactory,
     progress: Callable[[SendStats], None] | None,
@@ -459,14 +465,10 @@ async def _send_async(
                         signer.url(config.unsubscribe.base_url, c.subscriber_id),
                         mid,
                     )
-                    yield Outgoing(
-                        c.delivery_id,
-                        c.subscriber_id,
-                        c.email,
-                        template.personalize(rcpt),
-                        mid,
-                        c.attempts,
-                    )
+                    raw = template.personalize(rcpt)
+                    if dkim is not None:
+                        raw = dkim.sign(raw)  # the final bytes: no re-render per message
+                    yield Outgoing(c.delivery_id, c.subscriber_id, c.email, raw, mid, c.attempts)
 
     try:
         return await engine.run(source())

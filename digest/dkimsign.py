@@ -1,0 +1,153 @@
+"""DKIM signing (RFC 6376, rsa-sha256, relaxed/relaxed) of final message bytes.
+
+The body differs per subscriber (their unsubscribe link), so every message needs its own
+body hash and RSA signature. dkimpy does this correctly but slowly (its RSA is pure
+Python: ~5 ms a message); here canonicalization is two C-speed regex passes, hashing is
+hashlib and the RSA is OpenSSL through ``cryptography`` (~0.2 ms). The tests verify every
+signature with dkimpy, so the two implementations are held to agree.
+
+``h=`` lists the headers Gmail and Yahoo require for one-click unsubscribe
+(List-Unsubscribe and List-Unsubscribe-Post) and those a forger would want to change.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from digest.config import DKIM as DKIMConfig
+from digest.errors import ConfigError
+
+SIGNED_HEADERS = (
+    "From",
+    "Reply-To",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Id",
+    "MIME-Version",
+    "Content-Type",
+)
+
+_WSP_RUN = re.compile(rb"[ \t]+")
+_WSP_EOL = re.compile(rb" \r\n")
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
+
+
+def canonical_body(body: bytes) -> bytes:
+    """Relaxed body canonicalization (RFC 6376 3.4.4)."""
+    body = _WSP_EOL.sub(b"\r\n", _WSP_RUN.sub(b" ", body))
+    body = body.rstrip(b"\r\n")
+    return body + b"\r\n" if body else b""
+
+
+def canonical_header(name: bytes, value: bytes) -> bytes:
+    """Relaxed header canonicalization (RFC 6376 3.4.2), without the final CRLF."""
+    value = _WSP_RUN.sub(b" ", _FOLD.sub(b"", value)).strip(b" \r\n")
+    return name.strip().lower() + b":" + value
+
+
+def _split_headers(head: bytes) -> dict[bytes, tuple[bytes, bytes]]:
+    """Header name (lower-case) → (name, raw value), the last occurrence winning."""
+    out: dict[bytes, tuple[bytes, bytes]] = {}
+    for field in re.split(rb"\r\n(?![ \t])", head):
+        if b":" in field:
+            name, value = field.split(b":", 1)
+            out[name.strip().lower()] = (name, value)
+    return out
+
+
+class DKIMSigner:
+    """Signs final message bytes for one domain and selector."""
+
+    def __init__(self, domain: str, selector: str, private_key_pem: bytes) -> None:
+        try:
+            key = serialization.load_pem_private_key(private_key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"dkim: the private key is not an unencrypted PEM key ({exc})"
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError(
+                "dkim: the private key must be an RSA key (digest dkim keygen makes one)"
+            )
+        self._key = key
+        self.domain = domain
+        self.selector = selector
+
+    def sign(self, message: bytes, now: int | None = None) -> bytes:
+        """``message`` with a DKIM-Signature header prepended."""
+        head, _, body = message.partition(b"\r\n\r\n")
+        headers = _split_headers(head)
+        bh = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
+        names = [n for n in SIGNED_HEADERS if n.lower().encode() in headers]
+        tags = (
+            f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={self.domain}; s={self.selector}; "
+            f"t={now if now is not None else int(time.time())}; h={':'.join(names)}; "
+            f"bh={bh.decode()}; b="
+        ).encode()
+        signed = b"".join(
+            canonical_header(*headers[n.lower().encode()]) + b"\r\n" for n in names
+        ) + canonical_header(b"DKIM-Signature", tags)
+        sig = base64.b64encode(self._key.sign(signed, padding.PKCS1v15(), hashes.SHA256()))
+        # Folding after signing is safe: relaxed canonicalization unfolds, and whitespace
+        # inside b= is ignored by verifiers.
+        folded = tags.replace(b"; ", b";\r\n\t") + b"\r\n\t".join(
+            sig[i : i + 72] for i in range(0, len(sig), 72)
+        )
+        return b"DKIM-Signature: " + folded + b"\r\n" + message
+
+
+def load_signer(cfg: DKIMConfig | None) -> DKIMSigner | None:
+    """The configured signer, or None when [dkim] is absent."""
+    if cfg is None:
+        return None
+    if cfg.private_key_env:
+        pem = os.environ.get(cfg.private_key_env)
+        if not pem:
+            raise ConfigError(f"dkim.private_key_env: ${cfg.private_key_env} is not set")
+        return DKIMSigner(cfg.domain, cfg.selector, pem.encode())
+    if cfg.private_key_path is None:
+        raise ConfigError(
+            "dkim: set private_key_path or private_key_env (digest dkim keygen makes a key)"
+        )
+    try:
+        pem_bytes = cfg.private_key_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"dkim.private_key_path: cannot read {cfg.private_key_path}: {exc.strerror}; "
+            "run `digest dkim keygen` to make one"
+        ) from None
+    return DKIMSigner(cfg.domain, cfg.selector, pem_bytes)
+
+
+def keygen(path: Path, bits: int = 2048) -> str:
+    """Write a new RSA private key (mode 0600) to ``path``; return the DNS TXT value."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return dns_record(key.public_key())
+
+
+def dns_record(public_key: rsa.RSAPublicKey) -> str:
+    """The TXT record value that publishes ``public_key``."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"

@@ -1,0 +1,122 @@
+"""DKIM: what `send` signs verifies with dkimpy against the key `digest dkim keygen` made."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dkim
+from click.testing import CliRunner
+
+from digest import pipeline
+from digest.cli import main
+from digest.config import load_config
+from tests.conftest import Recorder
+from tests.test_send import D, add_subscribers
+
+
+def test_send_signs_and_dkimpy_verifies(
+    tmp_path: Path, config_path: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    _, server = smtp_server
+    key = tmp_path / "dkim.pem"
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(config_path),
+            "dkim",
+            "keygen",
+            "--out",
+            str(key),
+            "--selector",
+            "digest",
+            "--domain",
+            "news.example.org",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert key.stat().st_mode & 0o777 == 0o600
+    m = re.search(
+        r'^digest\._domainkey\.news\.example\.org\. IN TXT "(v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+)"$',
+        result.stdout,
+        re.M,
+    )
+    assert m
+    txt = m.group(1).encode()
+    with config_path.open("a", encoding="utf-8") as f:
+        f.write(
+            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\nprivate_key_path = "dkim.pem"\n'
+        )
+    config = load_config(config_path)
+    pipeline.init_db(config)
+    app = pipeline.open_app(config)
+    pipeline.fetch(app)
+    add_subscribers(app, 3)
+    assert pipeline.send(app, D).stats.sent == 3
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"digest._domainkey.news.example.org."
+        return txt
+
+    for received in server.messages:
+        assert dkim.verify(received.data, dnsfunc=dns)
+        sig = received.message["DKIM-Signature"]
+        h = (
+            re.search(r"h=([^;]+)", sig.replace("\r\n", "").replace("\t", ""))
+            .group(1)
+            .lower()
+            .split(":")
+        )
+        for needed in (
+            "from",
+            "to",
+            "subject",
+            "date",
+            "message-id",
+            "list-unsubscribe",
+            "list-unsubscribe-post",
+            "list-id",
+            "mime-version",
+            "content-type",
+        ):
+            assert needed in h
+        # A changed unsubscribe header breaks the signature.
+        tampered = received.data.replace(b"List-Unsubscribe: <https", b"List-Unsubscribe: <http")
+        assert not dkim.verify(tampered, dnsfunc=dns)
+        lines = received.data.split(b"\r\n")
+        assert max(map(len, lines)) <= 998
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, config_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    key.write_text("precious")
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(config_path),
+            "dkim",
+            "keygen",
+            "--out",
+            str(key),
+            "--selector",
+            "s",
+            "--domain",
+            "d.example",
+        ],
+    )
+    assert result.exit_code == 2 and "refusing to overwrite" in result.stderr
+    assert key.read_text() == "precious"
+
+
+def test_missing_key_is_a_config_error(tmp_path: Path, config_path: Path) -> None:
+    with config_path.open("a", encoding="utf-8") as f:
+        f.write(
+            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\nprivate_key_path = "nope.pem"\n'
+        )
+    result = CliRunner().invoke(main, ["--config", str(config_path), "init"])
+    assert result.exit_code == 0
+    result = CliRunner().invoke(main, ["--config", str(config_path), "send", "--date", str(D)])
+    assert result.exit_code == 2
+    assert "dkim.private_key_path" in result.stderr and "digest dkim keygen" in result.stderr
