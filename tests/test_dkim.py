@@ -46,7 +46,8 @@ def test_send_signs_and_dkimpy_verifies(
     txt = m.group(1).encode()
     with config_path.open("a", encoding="utf-8") as f:
         f.write(
-            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\nprivate_key_path = "dkim.pem"\n'
+            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\n'
+            'private_key_path = "dkim.pem"\n'
         )
     config = load_config(config_path)
     pipeline.init_db(config)
@@ -113,7 +114,8 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path, config_path: Path) -> None:
 def test_missing_key_is_a_config_error(tmp_path: Path, config_path: Path) -> None:
     with config_path.open("a", encoding="utf-8") as f:
         f.write(
-            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\nprivate_key_path = "nope.pem"\n'
+            '\n[dkim]\ndomain = "news.example.org"\nselector = "digest"\n'
+            'private_key_path = "nope.pem"\n'
         )
     result = CliRunner().invoke(main, ["--config", str(config_path), "init"])
     assert result.exit_code == 0
