@@ -459,7 +459,7 @@ def _fetch_http(
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
-                if False:
+                if len(body) > MAX_FEED_BYTES:
                     raise FeedError(too_big)
             return _Fetched(
                 bytes(body),
