@@ -398,6 +398,22 @@ def dkim_keygen(
 
 
 @main.command()
+@click.option("--failed", is_flag=True, help="Only failed deliveries (the default, for now).")
+@click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Only this edition.")
+@pass_obj
+def deliveries(obj: Obj, failed: bool, date_str: str | None) -> None:
+    """List failed deliveries with the SMTP server's reply.
+
+    Example: digest deliveries --failed --date 2026-11-27
+    """
+    edition = _date(date_str, obj.config) if date_str else None
+    rows = pipeline.failed_deliveries(obj.app(), edition)
+    for row in rows:
+        click.echo(f"{row.edition_date}\t{row.email}\t{row.attempts}\t{row.error}")
+    click.echo(f"{len(rows)} failed deliveries", err=True)
+
+
+@main.command()
 @pass_obj
 def run(obj: Obj) -> None:
     """Run the scheduler in the foreground: fetch every N minutes, send on the cron.

@@ -528,6 +528,31 @@ class StatusReport:
     articles: int
 
 
+@dataclass
+class FailedRow:
+    """One failed delivery, for ``digest deliveries --failed``."""
+
+    edition_date: date
+    email: str
+    attempts: int
+    error: str
+
+
+def failed_deliveries(app: App, edition_date: date | None) -> list[FailedRow]:
+    """Failed deliveries (of one edition, or all), with the server's reply."""
+    with app.sessions() as session:
+        issue_id = None
+        if edition_date is not None:
+            issue = store.issue_for_date(session, edition_date)
+            if issue is None:
+                return []
+            issue_id = issue.id
+        return [
+            FailedRow(i.edition_date, s.email, d.attempts, d.last_error or "")
+            for i, s, d in store.failed_deliveries(session, issue_id)
+        ]
+
+
 def status(app: App, limit: int = 10) -> StatusReport:
     """Recent issues with their delivery counts, and subscriber counts."""
     with app.sessions() as session:

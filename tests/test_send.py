@@ -109,6 +109,11 @@ def test_permanent_failures_are_recorded_and_exit_1(
         assert sub is not None and sub.hard_bounces == 1 and sub.status == "active"
     counts = ledger(app)
     assert counts["failed"] == 1 and counts["sent"] == 5
+    listing = CliRunner().invoke(
+        main, ["--config", str(config_path), "deliveries", "--failed", "--date", str(D)]
+    )
+    assert listing.exit_code == 0
+    assert listing.stdout == f"{D}\t{emails[2]}\t1\t550 5.1.1 No such user here\n"
 
 
 def test_smtp_down_is_one_line_and_the_next_run_delivers(
