@@ -292,6 +292,13 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
         f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
         f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
     )
+    if s.interrupted:
+        click.echo(
+            f"digest: send stopped early; {c['pending'] + c['sending']} still pending: run "
+            f"`digest send --date {edition}` again to finish",
+            err=True,
+        )
+        sys.exit(1)
     if c["deferred"]:
         click.echo(
             f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
@@ -321,8 +328,13 @@ def status(obj: Obj, limit: int) -> None:
         f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} unsubscribed, "
         f"{subs.get('bounced', 0)} bounced; articles stored: {report.articles}"
     )
-    if not report.issues:
+    if not report.issues and not report.missed:
         click.echo("no issues yet")
+    for missed in report.missed:
+        click.echo(
+            f"{missed}  MISSED   the scheduler was down at send time (past misfire_grace_hours); "
+            f"`digest send --date {missed}` sends it late"
+        )
     for row in report.issues:
         c = row.counts
         click.echo(

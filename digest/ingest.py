@@ -61,9 +61,7 @@ _MARKUP = re.compile(r"<[A-Za-z!/?]|&(?:#[0-9]+|#[xX][0-9A-Fa-f]+|[A-Za-z][A-Za-
 _TAG = re.compile(r"<[A-Za-z!/?][^>]*>?")
 _EMAIL = re.compile(r"^[^\s@]+@[^\s@]+$")
 _HTTP_URL = re.compile(r"^https?://", re.IGNORECASE)
-_HTML_PAGE = re.compile(
-    rb"^\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html)\b", re.I | re.S
-)
+_HTML_START = re.compile(rb"<!doctype\s+html|<html[\s>]", re.IGNORECASE)
 # Elements whose text is code or boilerplate, not prose.
 _DROP_ELEMENTS = frozenset({"script", "style", "template", "noscript", "head"})
 # Elements that separate words when rendered; text_content() would glue their text together.
@@ -180,7 +178,10 @@ def parse_feed(content: bytes, source_url: str) -> tuple[list[ParsedArticle], li
     problem = parsed.get("bozo_exception")
     if not version:
         # An HTML page is rarely well-formed XML, but "not a feed" is the useful message.
-        if isinstance(problem, SAXParseException) and not _HTML_PAGE.match(content):
+        # Only the head of the body is searched: a pattern run over 10 MB of crafted
+        # input must not be able to stall the fetch.
+        looks_like_html = _HTML_START.search(content[:4096]) is not None
+        if isinstance(problem, SAXParseException) and not looks_like_html:
             raise FeedError(_malformed(problem))
         raise FeedError("not an RSS or Atom feed")
     if isinstance(problem, SAXParseException):

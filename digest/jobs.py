@@ -7,6 +7,7 @@ its path and composes what it needs through :mod:`digest.pipeline`.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, date, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
@@ -16,6 +17,11 @@ from digest.config import load_config
 from digest.errors import DigestError, NothingToSend
 
 log = logging.getLogger("digest.jobs")
+
+# Set by `digest run` on SIGTERM/SIGINT. Signals are process-wide and jobs run in the
+# scheduler's worker threads, which cannot receive them; this is the one way to tell a
+# running send to finish its in-flight messages and stop.
+SHUTDOWN = threading.Event()
 
 
 def edition_date_for(trigger: CronTrigger, now: datetime) -> date:
@@ -37,7 +43,7 @@ def scheduled_send(config_path: str) -> None:
     config = load_config(config_path)
     edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
     try:
-        report = pipeline.send(pipeline.open_app(config), edition)
+        report = pipeline.send(pipeline.open_app(config), edition, stop=SHUTDOWN)
     except NothingToSend as exc:
         log.warning("send %s: %s", edition, exc)
         return
@@ -63,3 +69,30 @@ def scheduled_fetch(config_path: str) -> None:
         if r.error:
             log.warning("fetch %s: %s", r.feed, r.error)
     log.info("fetch: %d new, %d updated, %d rejected", report.new, report.updated, report.rejected)
+
+
+def scheduled_resume(config_path: str) -> None:
+    """Finish the latest scheduled edition if it is still open.
+
+    Covers a ``digest run`` killed mid-send (its cron firing is spent) and deliveries
+    deferred after their last in-run attempt. Only the latest scheduled edition is
+    resumed: an old round-up is not worth sending late without an editor deciding so.
+    """
+    config = load_config(config_path)
+    edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
+    app = pipeline.open_app(config)
+    if not pipeline.has_open_issue(app, edition):
+        return
+    log.info("resuming the send of %s", edition)
+    try:
+        pipeline.send(app, edition, stop=SHUTDOWN)
+    except DigestError as exc:
+        log.warning("resume %s: %s", edition, exc)
+
+
+def record_missed(config_path: str, scheduled_at: datetime) -> date:
+    """Remember a send the scheduler skipped as too late, for ``digest status``."""
+    config = load_config(config_path)
+    edition = scheduled_at.astimezone(config.schedule.tz).date()
+    pipeline.record_missed(pipeline.open_app(config), edition, scheduled_at)
+    return edition

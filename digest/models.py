@@ -169,3 +169,13 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[str | None] = mapped_column(String(300))
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class MissedSend(Base):
+    """A scheduled send that did not run because the scheduler was down past the grace."""
+
+    __tablename__ = "missed_sends"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    edition_date: Mapped[date] = mapped_column(Date, unique=True)
+    scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    noticed_at: Mapped[datetime] = mapped_column(UTCDateTime)

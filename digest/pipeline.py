@@ -11,6 +11,7 @@ import contextlib
 import email
 import email.policy
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -355,11 +356,14 @@ def send(
     dry_run: bool = False,
     transports: TransportFactory | None = None,
     progress: Callable[[SendStats], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> SendReport:
     """Build (once) and send the round-up for ``edition_date`` to everyone not yet served.
 
     Holds an exclusive per-date lock for the whole run, so a second ``send`` for the same
-    date exits at once instead of mailing anyone twice.
+    date exits at once instead of mailing anyone twice. SIGTERM/SIGINT (in the main
+    thread) or ``stop`` end the run early: messages in flight finish and are recorded,
+    the rest stay pending for the next run.
     """
     config = app.config
     renderer = Renderer(config)
@@ -379,7 +383,7 @@ def send(
         factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
         try:
             report.stats = asyncio.run(
-                _send_async(app, issue, editions, signer, dkim, renderer, factory, progress)
+                _send_async(app, issue, editions, signer, dkim, renderer, factory, progress, stop)
             )
         finally:
             # Whatever happened, rows this run claimed but never tried go back to pending
@@ -416,6 +420,7 @@ async def _send_async(
     renderer: Renderer,
     transports: TransportFactory,
     progress: Callable[[SendStats], None] | None,
+    stop: threading.Event | None,
 ) -> SendStats:
     config = app.config
     ledger = SQLLedger(app.sessions)
@@ -433,6 +438,15 @@ async def _send_async(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, engine.stop)
     ledger_task = asyncio.create_task(ledger.run())
+
+    async def watch_stop() -> None:
+        # A threading.Event set by another thread (the scheduler's signal handler).
+        assert stop is not None
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        engine.stop()
+
+    watcher = asyncio.create_task(watch_stop()) if stop is not None else None
 
     async def source() -> AsyncIterator[Outgoing]:
         after = 0
@@ -473,6 +487,8 @@ async def _send_async(
     try:
         return await engine.run(source())
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await ledger.close()
         await ledger_task
         ledger.dispose()
@@ -526,6 +542,20 @@ class StatusReport:
     issues: list[IssueStatusRow]
     subscribers: dict[str, int]
     articles: int
+    missed: list[date] = field(default_factory=list)
+
+
+def has_open_issue(app: App, edition_date: date) -> bool:
+    """True when the issue of that date exists and is not completely sent."""
+    with app.sessions() as session:
+        return bool(store.open_issues(session, edition_date))
+
+
+def record_missed(app: App, edition_date: date, scheduled_at: datetime) -> None:
+    """Record a missed scheduled send (shown by ``status``)."""
+    with app.sessions() as session:
+        store.record_missed_send(session, edition_date, scheduled_at, datetime.now(UTC))
+        session.commit()
 
 
 @dataclass
@@ -562,4 +592,12 @@ def status(app: App, limit: int = 10) -> StatusReport:
             )
             for i in store.recent_issues(session, limit)
         ]
-        return StatusReport(rows, store.subscriber_counts(session), store.article_count(session))
+        built = {r.edition_date for r in rows}
+        missed = [
+            m.edition_date
+            for m in store.missed_sends(session, limit)
+            if m.edition_date not in built
+        ]
+        return StatusReport(
+            rows, store.subscriber_counts(session), store.article_count(session), missed
+        )

@@ -25,9 +25,13 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from digest import store
 from digest.config import Config
+from digest.jobs import SHUTDOWN, record_missed
 
 SEND_JOB = "digest-weekly-send"
 FETCH_JOB = "digest-fetch"
+RESUME_JOB = "digest-resume"
+# How often an unfinished send (killed run, deferred deliveries) is picked up again.
+RESUME_MINUTES = 15
 
 
 def build_scheduler(config: Config) -> BackgroundScheduler:
@@ -57,6 +61,11 @@ def sync_jobs(scheduler: BackgroundScheduler, config: Config) -> None:
             "trigger": config.schedule.cron_trigger(),
             "misfire_grace_time": grace,
         },
+        RESUME_JOB: {
+            "func": "digest.jobs:scheduled_resume",
+            "trigger": IntervalTrigger(minutes=RESUME_MINUTES, timezone=config.schedule.tz),
+            "misfire_grace_time": 60 * RESUME_MINUTES,
+        },
         FETCH_JOB: {
             "func": "digest.jobs:scheduled_fetch",
             "trigger": IntervalTrigger(
@@ -84,16 +93,21 @@ def run_scheduler(
     """Run until SIGINT/SIGTERM (or ``stop`` is set); one scheduler per database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = stop or threading.Event()
+    SHUTDOWN.clear()
     engine = store.open_engine(config.database.url)
     with store.exclusive_lock(engine, "scheduler"):
         scheduler = build_scheduler(config)
 
         def on_event(event: JobExecutionEvent) -> None:
-            if event.code == EVENT_JOB_MISSED:
+            if event.code == EVENT_JOB_MISSED and event.job_id == SEND_JOB:
+                edition = record_missed(str(config.path), event.scheduled_run_time)
                 log(
                     f"digest run: {event.job_id} missed its run time {event.scheduled_run_time} "
-                    f"(more than misfire_grace_hours late); not sending late"
+                    f"(more than misfire_grace_hours late); not sending the {edition} round-up "
+                    "late (recorded; see `digest status`)"
                 )
+            elif event.code == EVENT_JOB_MISSED:
+                log(f"digest run: {event.job_id} missed its run time {event.scheduled_run_time}")
             elif event.exception is not None:
                 log(f"digest run: {event.job_id} failed: {event.exception}")
 
@@ -102,6 +116,14 @@ def run_scheduler(
         scheduler.start(paused=True)
         sync_jobs(scheduler, config)
         scheduler.resume()
+        # Finish a send that a previous process left half done, now rather than in 15 min.
+        scheduler.add_job(
+            "digest.jobs:scheduled_resume",
+            args=[str(config.path)],
+            id="digest-resume-now",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
         send_job = scheduler.get_job(SEND_JOB)
         log(
             f"digest run: next send at {send_job.next_run_time if send_job else '?'}; "
@@ -109,6 +131,7 @@ def run_scheduler(
         )
 
         def handle(signum: int, _frame: Any) -> None:
+            SHUTDOWN.set()  # a send in a worker thread finishes its in-flight messages
             stop.set()
 
         if threading.current_thread() is threading.main_thread():
@@ -118,6 +141,7 @@ def run_scheduler(
             while not stop.wait(1.0):
                 pass
         finally:
-            log("digest run: stopping; waiting for a running job to finish")
+            log("digest run: stopping; a running send finishes its in-flight messages first")
+            SHUTDOWN.set()
             scheduler.shutdown(wait=True)
             engine.dispose()

@@ -195,6 +195,7 @@ class SendStats:
 
     sent: int = 0
     failed: int = 0
+    interrupted: bool = False
     deferred: int = 0
     skipped: int = 0
     retries: int = 0
@@ -244,6 +245,7 @@ class SendEngine:
 
     def stop(self) -> None:
         """Finish in-flight messages, then stop taking new ones (SIGTERM)."""
+        self.stats.interrupted = True
         self._stop.set()
 
     async def run(self, source: AsyncIterator[Outgoing]) -> SendStats:

@@ -47,6 +47,7 @@ from digest.models import (
     Issue,
     IssueArticle,
     IssueStatus,
+    MissedSend,
     Subscriber,
     SubscriberStatus,
 )
@@ -315,6 +316,37 @@ def set_issue_status(session: Session, issue: Issue, status: IssueStatus, now: d
 def recent_issues(session: Session, limit: int = 10) -> list[Issue]:
     """The newest issues first."""
     return list(session.scalars(select(Issue).order_by(Issue.edition_date.desc()).limit(limit)))
+
+
+def record_missed_send(
+    session: Session, edition_date: date, scheduled_at: datetime, now: datetime
+) -> None:
+    """Remember that the send for ``edition_date`` was missed (idempotent)."""
+    exists_already = session.scalar(
+        select(MissedSend.id).where(MissedSend.edition_date == edition_date)
+    )
+    if exists_already is None:
+        session.add(
+            MissedSend(edition_date=edition_date, scheduled_at=scheduled_at, noticed_at=now)
+        )
+
+
+def missed_sends(session: Session, limit: int = 10) -> list[MissedSend]:
+    """Missed scheduled sends, newest first."""
+    return list(
+        session.scalars(select(MissedSend).order_by(MissedSend.edition_date.desc()).limit(limit))
+    )
+
+
+def open_issues(session: Session, edition_date: date) -> list[Issue]:
+    """Issues of ``edition_date`` whose sending is not finished."""
+    return list(
+        session.scalars(
+            select(Issue).where(
+                Issue.edition_date == edition_date, Issue.status != IssueStatus.SENT
+            )
+        )
+    )
 
 
 # --- subscribers ----------------------------------------------------------------------------

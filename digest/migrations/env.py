@@ -15,5 +15,7 @@ with engine.begin() as connection:
         target_metadata=Base.metadata,
         # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
         render_as_batch=engine.dialect.name == "sqlite",
+        # APScheduler owns its job table in the same database; it is not ours to migrate.
+        include_object=lambda obj, name, type_, reflected, compare_to: name != "apscheduler_jobs",
     )
     context.run_migrations()
