@@ -425,6 +425,33 @@ def deliveries(obj: Obj, failed: bool, date_str: str | None) -> None:
     click.echo(f"{len(rows)} failed deliveries", err=True)
 
 
+@main.group()
+def bounces() -> None:
+    """Process bounce reports from the mail server."""
+
+
+@bounces.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@pass_obj
+def bounces_import(obj: Obj, path: Path) -> None:
+    """Record hard bounces from the DSNs in PATH (an mbox file or a Maildir folder).
+
+    A hard bounce (5.x.x) marks its delivery failed; after 3 in a row the subscriber is
+    set to bounced and gets no further issues. Soft bounces and other mail are counted
+    and left alone. Safe to run again on the same mailbox; the mailbox is only read.
+
+    Example: digest bounces import /var/mail/bounces
+    """
+    from digest.bounces import import_bounces
+
+    report = import_bounces(obj.app().sessions, path, pipeline.BOUNCE_THRESHOLD)
+    click.echo(
+        f"{report.hard} hard bounces recorded, {report.already_recorded} already recorded, "
+        f"{report.soft_ignored} soft ignored, {report.unmatched} unmatched, "
+        f"{report.unrelated} unrelated"
+    )
+
+
 @main.command()
 @pass_obj
 def run(obj: Obj) -> None:

@@ -586,3 +586,88 @@ def delete_all(session: Session) -> None:
     for model in (Delivery, IssueArticle, Issue, Subscriber, Article, FeedState):
         session.execute(delete(model))
     session.commit()
+
+
+# --- bounces --------------------------------------------------------------------------------
+
+
+def delivery_for(session: Session, issue_id: int, subscriber_id: int) -> Delivery | None:
+    """The delivery of one (issue, subscriber), if any (the unique pair's index)."""
+    return session.scalar(
+        select(Delivery).where(
+            Delivery.issue_id == issue_id, Delivery.subscriber_id == subscriber_id
+        )
+    )
+
+
+def latest_accepted_delivery(
+    session: Session, subscriber_id: int, sent_before: datetime
+) -> Delivery | None:
+    """The subscriber's newest delivery the SMTP server accepted at or before ``sent_before``.
+
+    Whatever its status now: a bounce already recorded has turned it ``failed``, and the
+    caller must see that rather than fall through to an older delivery.
+    """
+    return session.scalar(
+        select(Delivery)
+        .where(
+            Delivery.subscriber_id == subscriber_id,
+            Delivery.sent_at.is_not(None),
+            Delivery.sent_at <= sent_before,
+        )
+        .order_by(Delivery.sent_at.desc(), Delivery.id.desc())
+        .limit(1)
+    )
+
+
+def mark_delivery_bounced(session: Session, delivery: Delivery, error: str) -> None:
+    """Record a bounce report against a delivery the SMTP server had accepted."""
+    delivery.status = DeliveryStatus.FAILED
+    delivery.last_error = error
+    session.flush()
+
+
+def failed_run_length(session: Session, delivery: Delivery) -> int:
+    """How many consecutive issues, around this delivery's, failed for its subscriber.
+
+    Only deliveries that were tried count (sent or failed, in issue order); a skipped or
+    still deferred one neither extends nor breaks the run. The run is found in both
+    directions, so bounce reports arriving out of order add up the same way.
+    """
+    stmt = (
+        select(Delivery.id, Delivery.status)
+        .join(Issue, Issue.id == Delivery.issue_id)
+        .where(
+            Delivery.subscriber_id == delivery.subscriber_id,
+            Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.FAILED]),
+        )
+        .order_by(Issue.edition_date, Delivery.id)
+    )
+    run, found = 0, False
+    for delivery_id, status in session.execute(stmt):
+        if status == DeliveryStatus.FAILED:
+            run += 1
+            found = found or delivery_id == delivery.id
+        elif found:
+            break
+        else:
+            run = 0
+    return run if found else 0
+
+
+def raise_hard_bounces(session: Session, subscriber_id: int, at_least: int, threshold: int) -> None:
+    """Lift the hard-bounce count to ``at_least``; at ``threshold`` the subscriber is bounced."""
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == subscriber_id, Subscriber.hard_bounces < at_least)
+        .values(hard_bounces=at_least)
+    )
+    session.execute(
+        update(Subscriber)
+        .where(
+            Subscriber.id == subscriber_id,
+            Subscriber.hard_bounces >= threshold,
+            Subscriber.status == SubscriberStatus.ACTIVE,
+        )
+        .values(status=SubscriberStatus.BOUNCED)
+    )
