@@ -298,10 +298,11 @@ def _apply(
         # Deferred too: after a timeout on the final "." the message may have arrived.
         error = f"bounce: {rcpt.status} {rcpt.diagnostic}".strip()[:_ERROR_MAX]
         store.mark_delivery_bounced(session, delivery, error)
-        store.record_hard_bounce(session, delivery.subscriber_id, threshold)
-        # The send resets the counter on every 250, and through a relay every message
-        # gets one, so bounces that arrive after the next send would never add up to
-        # ``threshold``. The ledger remembers the run of failed issues regardless.
+        # Not store.record_hard_bounce's "+1": reports arrive after later sends, whose 250
+        # replies (every message gets one through a relay) reset that counter, so bounces
+        # imported week by week would never add up; and reports imported in bulk would add
+        # up even with a delivered issue between them. The ledger's run of failed issues
+        # around this one is the consecutive count, whatever order reports come in.
         run = store.failed_run_length(session, delivery)
         store.raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
         report.hard += 1

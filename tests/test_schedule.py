@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from click.testing import CliRunner
 
 from digest import pipeline, store
+from digest.cli import main
 from digest.config import load_config
 from digest.jobs import edition_date_for
 from digest.models import SubscriberStatus
 from digest.schedule import SEND_JOB, build_scheduler, run_scheduler, sync_jobs
-from tests.conftest import Recorder, rss, week_items
+from tests.conftest import Recorder, rss, week_items, write_config
 
 NY = ZoneInfo("America/New_York")
 
@@ -34,7 +38,7 @@ def test_edition_date_is_the_latest_firing() -> None:
     assert edition_date_for(trigger, datetime(2026, 11, 27, 8, 59, tzinfo=NY)) == date(2026, 11, 20)
 
 
-def _prepare(config_path: Path, feed_file: Path) -> pipeline.App:
+def _prepare(config_path: Path, feed_file: Path, readers: int = 3) -> pipeline.App:
     """A database with this week's articles (relative to the real clock) and 3 readers."""
     config = load_config(config_path)
     edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
@@ -63,7 +67,7 @@ def _prepare(config_path: Path, feed_file: Path) -> pipeline.App:
                     "updated_at": now,
                     "hard_bounces": 0,
                 }
-                for i in range(3)
+                for i in range(readers)
             ],
         )
         session.commit()
@@ -130,6 +134,8 @@ def test_late_start_after_grace_does_not_send(
     logs = _run_for(config_path, 3)
     assert server.messages == []
     assert any("missed its run time" in line for line in logs)
+    result = CliRunner().invoke(main, ["--config", str(config_path), "status"])
+    assert re.search(r"^\d{4}-\d\d-\d\d  MISSED ", result.stdout, re.M), result.stdout
 
 
 def test_unchanged_jobs_keep_their_stored_run_time(config_path: Path, feed_file: Path) -> None:
@@ -176,3 +182,75 @@ def test_second_runner_on_the_same_database_refuses(config_path: Path, feed_file
             first.kill()
             pytest.fail("digest run did not stop on SIGTERM")
     assert first.returncode == 0
+
+
+def _run_process(config_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "digest", "--config", str(config_path), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait(cond: object, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_run_killed_mid_send_resumes_on_restart(config_path: Path, feed_file: Path) -> None:
+    from tests.test_faults import SlowRecorder, start
+
+    handler = SlowRecorder(delay=0.01)
+    controller = start(handler)
+    try:
+        path = write_config(config_path.parent, port=controller.port)
+        _prepare(path, feed_file, readers=300)
+        _stored_send_due_at(path, datetime.now(UTC) - timedelta(minutes=5))
+        first = _run_process(path)
+        _wait(lambda: len(handler.messages) >= 60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        assert len(handler.messages) < 300
+        second = _run_process(path)  # its start-up resume job finishes the edition
+        try:
+            _wait(lambda: len({r for m in handler.messages for r in m.rcpt_tos}) >= 300)
+            time.sleep(0.5)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+        copies = Counter(r for m in handler.messages for r in m.rcpt_tos)
+        assert len(copies) == 300
+        assert sum(n - 1 for n in copies.values()) <= 3  # at most the in-flight window
+    finally:
+        controller.stop()
+
+
+def test_sigterm_stops_run_mid_send_within_seconds(config_path: Path, feed_file: Path) -> None:
+    from tests.test_faults import SlowRecorder, start
+
+    handler = SlowRecorder(delay=0.02)
+    controller = start(handler)
+    try:
+        path = write_config(config_path.parent, port=controller.port)
+        app = _prepare(path, feed_file, readers=400)
+        _stored_send_due_at(path, datetime.now(UTC) - timedelta(minutes=5))
+        proc = _run_process(path)
+        _wait(lambda: len(handler.messages) >= 30)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - t0 < 10
+        assert proc.returncode == 0
+        received = len(handler.messages)
+        assert received < 400
+        with app.sessions() as session:
+            edition = store.recent_issues(session, 1)[0]
+            counts = store.delivery_counts(session, edition.id)
+        assert counts["sent"] == received and counts["sending"] == 0
+    finally:
+        controller.stop()
