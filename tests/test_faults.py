@@ -32,14 +32,18 @@ ROOT = Path(__file__).parent.parent
 class SlowRecorder(Recorder):
     """Accepts every message after ``delay`` seconds; optionally drops a connection."""
 
-    def __init__(self, delay: float = 0.0, drop_every: int = 0, stall_rcpt_once: float = 0.0) -> None:
+    def __init__(
+        self, delay: float = 0.0, drop_every: int = 0, stall_rcpt_once: float = 0.0
+    ) -> None:
         super().__init__()
         self.delay = delay
         self.drop_every = drop_every
         self.stall_rcpt_once = stall_rcpt_once
         self.per_session: Counter[Any] = Counter()
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         key = id(session)
         if self.drop_every and self.per_session[key] >= self.drop_every:
             # The server goes away mid-session, before the next transaction.
@@ -48,7 +52,9 @@ class SlowRecorder(Recorder):
         envelope.mail_from = address
         return "250 OK"
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         if self.stall_rcpt_once:
             stall, self.stall_rcpt_once = self.stall_rcpt_once, 0.0
             await asyncio.sleep(stall)
@@ -67,7 +73,9 @@ def start(handler: Recorder, **kw: Any) -> Controller:
     return controller
 
 
-def prepared_app(tmp_path: Path, port: int, n: int, smtp_extra: str = "") -> tuple[Path, pipeline.App, list[str]]:
+def prepared_app(
+    tmp_path: Path, port: int, n: int, smtp_extra: str = ""
+) -> tuple[Path, pipeline.App, list[str]]:
     path = write_config(tmp_path, port=port, smtp_extra=smtp_extra)
     config = load_config(path)
     pipeline.init_db(config)
@@ -80,7 +88,10 @@ def send_process(config_path: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "digest", "--config", str(config_path), "send", "--date", str(D)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -171,14 +182,19 @@ def test_stall_before_data_is_retried(tmp_path: Path, feed_file: Path) -> None:
         controller.stop()
 
 
-def test_wrong_credentials_stop_the_run_and_lose_nothing(tmp_path: Path, feed_file: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+def test_wrong_credentials_stop_the_run_and_lose_nothing(
+    tmp_path: Path, feed_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def authenticator(
+        server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
         ok = data.login == b"digest" and data.password == b"right"
         return AuthResult(success=ok, handled=False)  # let the server reply 535
 
     handler = Recorder()
-    controller = start(handler, authenticator=authenticator, auth_required=True, auth_require_tls=False)
+    controller = start(
+        handler, authenticator=authenticator, auth_required=True, auth_require_tls=False
+    )
     try:
         monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong")
         extra = 'username = "digest"\npassword_env = "TEST_SMTP_PASSWORD"'
@@ -199,7 +215,7 @@ def test_two_sends_at_once_never_double(tmp_path: Path, feed_file: Path) -> None
     handler = SlowRecorder(delay=0.03)  # ~3 s of sending: the second starts well inside it
     controller = start(handler)
     try:
-        path, app, emails = prepared_app(tmp_path, controller.port, 300)
+        path, _, emails = prepared_app(tmp_path, controller.port, 300)
         first = send_process(path)
         wait_for(lambda: len(handler.messages) >= 10)
         second = send_process(path)
