@@ -16,7 +16,8 @@ Matching a report to a delivery, most certain first:
 2. Otherwise the report's ``Final-Recipient`` → subscriber → their newest delivery the
    SMTP server had accepted *before the report was written* (its ``Arrival-Date`` or
    ``Date``). The date bound matters because bounce mailboxes grow: re-importing an old
-   report after next week's send must not pin it on next week's delivery.
+   report after next week's send must not pin it on next week's delivery. A report with
+   neither date is therefore left unmatched.
 
 The import is idempotent: a report whose delivery is already ``failed`` is counted as
 ``already_recorded`` and changes nothing, so the same mailbox can be imported every week.
@@ -42,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest import store
 from digest.errors import UsageError
-from digest.models import Delivery, DeliveryStatus, Subscriber
+from digest.models import Delivery, DeliveryStatus
 from digest.subscribers import normalize_email
 
 # The Message-ID ``pipeline.message_id`` gives each (issue, subscriber).
@@ -274,42 +275,45 @@ def import_bounces(sessions: sessionmaker[Session], path: Path, threshold: int =
             if dsn is None:
                 report.unrelated += 1
                 continue
-            for rcpt in dsn.recipients:
-                _apply(session, dsn, rcpt, threshold, report)
-        session.commit()
+            changed = [_apply(session, dsn, rcpt, threshold, report) for rcpt in dsn.recipients]
+            if any(changed):
+                # Commit per report rather than once at the end: on SQLite the write lock
+                # is held until commit, and a `digest send` may be writing its ledger.
+                session.commit()
     return report
 
 
 def _apply(
     session: Session, dsn: DSN, rcpt: RecipientStatus, threshold: int, report: BounceReport
-) -> None:
+) -> bool:
+    """Count one recipient's report; True when it recorded a new hard bounce."""
     if rcpt.action not in ("failed", "delayed"):
         report.unrelated += 1  # delivered / relayed / expanded: a success notice
-        return
+        return False
     if not rcpt.is_hard:
         report.soft_ignored += 1
-        return
+        return False
     delivery = _match(session, dsn, rcpt)
-    if delivery is None:
-        report.unmatched += 1
-    elif delivery.status == DeliveryStatus.FAILED:
+    if delivery is not None and delivery.status == DeliveryStatus.FAILED:
         report.already_recorded += 1
-    elif delivery.status in (DeliveryStatus.SENT, DeliveryStatus.DEFERRED):
-        # Deferred too: after a timeout on the final "." the message may have arrived.
-        error = f"bounce: {rcpt.status} {rcpt.diagnostic}".strip()[:_ERROR_MAX]
-        store.mark_delivery_bounced(session, delivery, error)
-        # Not store.record_hard_bounce's "+1": reports arrive after later sends, whose 250
-        # replies (every message gets one through a relay) reset that counter, so bounces
-        # imported week by week would never add up; and reports imported in bulk would add
-        # up even with a delivered issue between them. The ledger's run of failed issues
-        # around this one is the consecutive count, whatever order reports come in.
-        run = store.failed_run_length(session, delivery)
-        store.raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
-        report.hard += 1
-    else:
-        # pending / sending / skipped: we never handed this message over, so the report
-        # cannot be about it (a forged or foreign id).
+        return False
+    # Sent, or deferred: after a timeout on the final "." the message may have arrived.
+    # Pending / sending / skipped were never handed over, so no report can be about them
+    # (a forged or foreign id).
+    if delivery is None or delivery.status not in (DeliveryStatus.SENT, DeliveryStatus.DEFERRED):
         report.unmatched += 1
+        return False
+    error = f"bounce: {rcpt.status} {rcpt.diagnostic}".strip()[:_ERROR_MAX]
+    store.mark_delivery_bounced(session, delivery, error)
+    # Not store.record_hard_bounce's "+1": reports arrive after later sends, whose 250
+    # replies (every message gets one through a relay) reset that counter, so bounces
+    # imported week by week would never add up; and reports imported in bulk would add
+    # up even with a delivered issue between them. The ledger's run of failed issues
+    # around this one is the consecutive count, whatever order reports come in.
+    run = store.failed_run_length(session, delivery)
+    store.raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
+    report.hard += 1
+    return True
 
 
 def _match(session: Session, dsn: DSN, rcpt: RecipientStatus) -> Delivery | None:
@@ -326,7 +330,7 @@ def _match(session: Session, dsn: DSN, rcpt: RecipientStatus) -> Delivery | None
         return delivery
     if rcpt.final_recipient is None or dsn.reported_at is None:
         return None
-    sub: Subscriber | None = store.subscriber_by_email(session, rcpt.final_recipient)
+    sub = store.subscriber_by_email(session, rcpt.final_recipient)
     if sub is None:
         return None
     return store.latest_accepted_delivery(session, sub.id, dsn.reported_at + _CLOCK_SLACK)

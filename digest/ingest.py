@@ -62,6 +62,11 @@ _TAG = re.compile(r"<[A-Za-z!/?][^>]*>?")
 _EMAIL = re.compile(r"^[^\s@]+@[^\s@]+$")
 _HTTP_URL = re.compile(r"^https?://", re.IGNORECASE)
 _HTML_START = re.compile(rb"<!doctype\s+html|<html[\s>]", re.IGNORECASE)
+# How a document that starts with an XML declaration starts (BOM or not, UTF-8 or UTF-16).
+_BOMS = {"utf-8": b"\xef\xbb\xbf", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}
+_DECLARATIONS = tuple(
+    prefix + "<?xml".encode(codec) for codec, bom in _BOMS.items() for prefix in (bom, b"")
+)
 # Elements whose text is code or boilerplate, not prose.
 _DROP_ELEMENTS = frozenset({"script", "style", "template", "noscript", "head"})
 # Elements that separate words when rendered; text_content() would glue their text together.
@@ -182,12 +187,12 @@ def parse_feed(content: bytes, source_url: str) -> tuple[list[ParsedArticle], li
         # input must not be able to stall the fetch.
         looks_like_html = _HTML_START.search(content[:4096]) is not None
         if isinstance(problem, SAXParseException) and not looks_like_html:
-            raise FeedError(_malformed(problem))
+            raise FeedError(_malformed(problem, content))
         raise FeedError("not an RSS or Atom feed")
     if isinstance(problem, SAXParseException):
         # feedparser's loose parser would recover something, but a feed that is not
         # well-formed is an error for its publisher to fix, not a guess for us to make.
-        raise FeedError(_malformed(problem))
+        raise FeedError(_malformed(problem, content))
 
     site = _str(parsed.feed.get("link"))
     try:
@@ -205,8 +210,16 @@ def parse_feed(content: bytes, source_url: str) -> tuple[list[ParsedArticle], li
     return articles, rejections
 
 
-def _malformed(problem: SAXParseException) -> str:
-    return f"malformed XML: {_oneline(problem.getMessage())} at line {problem.getLineNumber()}"
+def _malformed(problem: SAXParseException, content: bytes) -> str:
+    reason = f"malformed XML: {_oneline(problem.getMessage())}"
+    line = problem.getLineNumber()
+    if line is None:
+        return reason
+    if not any(content.startswith(prefix) for prefix in _DECLARATIONS):
+        # feedparser puts a declaration line in front of a document that has none before
+        # handing it to expat, so expat's line numbers are one too high for it.
+        line = max(1, line - 1)
+    return f"{reason} at line {line}"
 
 
 def _article(entry: Mapping[str, Any], base: str) -> ParsedArticle:

@@ -381,6 +381,17 @@ def test_malformed_xml_names_the_reason_and_line() -> None:
     assert str(caught.value) == "malformed XML: mismatched tag at line 8"
 
 
+@pytest.mark.parametrize(
+    "head",
+    [b"", b'<?xml version="1.0"?>\n', b'\xef\xbb\xbf<?xml version="1.0"?>\n', b"\xef\xbb\xbf"],
+)
+def test_malformed_line_is_right_with_or_without_a_declaration(head: bytes) -> None:
+    body = b'<rss version="2.0">\n<channel>\n<item></chanel>\n</rss>\n'
+    line = 3 + head.count(b"\n")
+    with pytest.raises(FeedError, match=rf"^malformed XML: mismatched tag at line {line}$"):
+        parse_feed(head + body, "https://x.example/f")
+
+
 def test_html_page_is_not_a_feed() -> None:
     with pytest.raises(FeedError, match=r"^not an RSS or Atom feed$"):
         parse_feed((FEEDS / "page.html").read_bytes(), "https://x.example/")
@@ -400,6 +411,23 @@ def test_html_page_is_not_a_feed() -> None:
 def test_other_non_feeds_raise_feed_error(content: bytes) -> None:
     with pytest.raises(FeedError):
         parse_feed(content, "https://x.example/")
+
+
+def test_many_comments_do_not_stall_the_parser() -> None:
+    # A regular expression with nested repetition once took exponential time on this.
+    # A watchdog thread rather than a timing assert: a regression hangs for ever.
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            parse_feed(b"<!-- padding -->" * 5000, "https://x.example/")
+        except FeedError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert outcome == ["malformed XML: no element found at line 1"]
 
 
 def test_feed_bytes_are_never_opened_as_a_file_name(tmp_path: Path) -> None:
