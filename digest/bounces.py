@@ -305,13 +305,7 @@ def _apply(
         return False
     error = f"bounce: {rcpt.status} {rcpt.diagnostic}".strip()[:_ERROR_MAX]
     store.mark_delivery_bounced(session, delivery, error)
-    # Not store.record_hard_bounce's "+1": reports arrive after later sends, whose 250
-    # replies (every message gets one through a relay) reset that counter, so bounces
-    # imported week by week would never add up; and reports imported in bulk would add
-    # up even with a delivered issue between them. The ledger's run of failed issues
-    # around this one is the consecutive count, whatever order reports come in.
-    run = store.failed_run_length(session, delivery)
-    store.raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
+    store.count_hard_bounce(session, delivery.id, threshold)
     report.hard += 1
     return True
 

@@ -528,7 +528,8 @@ def _store(session: Session, parsed: ParsedArticle, feed: str, now: datetime) ->
                 first_seen_at=now,
             )
         )
-        # Flushed now so a later item of this run with the same link or guid finds it.
+        # Flushed now so a later item of this run with the same link or guid finds it,
+        # even in a session made with autoflush=False.
         session.flush()
         return "new"
     if article.guid is None and parsed.guid is not None:

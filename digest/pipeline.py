@@ -296,7 +296,7 @@ class SQLLedger:
             return
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
-        delivered: list[int] = []
+        bounced: list[int] = []
         try:
             for o, _ in batch:
                 row: dict[str, Any] = {
@@ -310,14 +310,16 @@ class SQLLedger:
                     row["message_id"] = o.message_id
                 if o.status == DeliveryStatus.SENT:
                     row["sent_at"] = now
-                    delivered.append(o.subscriber_id)
                 if o.status == DeliveryStatus.DEFERRED:
                     row["next_attempt_at"] = o.next_attempt_at
                 rows.append(row)
                 if o.permanent:
-                    store.record_hard_bounce(self._session, o.subscriber_id, BOUNCE_THRESHOLD)
-            store.reset_hard_bounces(self._session, delivered)
+                    bounced.append(o.delivery_id)
             store.record_outcomes(self._session, rows)
+            if bounced:  # rare: a query each, after the statuses above are written
+                for delivery_id in bounced:
+                    store.count_hard_bounce(self._session, delivery_id, BOUNCE_THRESHOLD)
+                self._session.commit()
         except BaseException as exc:
             for _, fut in batch:
                 if fut is not None and not fut.done():

@@ -398,34 +398,6 @@ def subscriber_counts(session: Session) -> dict[str, int]:
     return {str(status): n for status, n in rows}
 
 
-def record_hard_bounce(session: Session, subscriber_id: int, threshold: int) -> None:
-    """Count a hard bounce; at ``threshold`` consecutive ones the subscriber is bounced."""
-    session.execute(
-        update(Subscriber)
-        .where(Subscriber.id == subscriber_id)
-        .values(hard_bounces=Subscriber.hard_bounces + 1)
-    )
-    session.execute(
-        update(Subscriber)
-        .where(
-            Subscriber.id == subscriber_id,
-            Subscriber.hard_bounces >= threshold,
-            Subscriber.status == SubscriberStatus.ACTIVE,
-        )
-        .values(status=SubscriberStatus.BOUNCED)
-    )
-
-
-def reset_hard_bounces(session: Session, subscriber_ids: Sequence[int]) -> None:
-    """A delivered message ends a run of consecutive hard bounces."""
-    if subscriber_ids:
-        session.execute(
-            update(Subscriber)
-            .where(Subscriber.id.in_(subscriber_ids), Subscriber.hard_bounces > 0)
-            .values(hard_bounces=0)
-        )
-
-
 # --- deliveries -----------------------------------------------------------------------------
 
 
@@ -653,6 +625,19 @@ def failed_run_length(session: Session, delivery: Delivery) -> int:
         else:
             run = 0
     return run if found else 0
+
+
+def count_hard_bounce(session: Session, delivery_id: int, threshold: int) -> None:
+    """Count a hard bounce (a 5xx reply, or a bounce report) of one delivery.
+
+    The consecutive count is read from the ledger (the run of failed issues around this
+    one), not kept as a counter: through a relay every message first gets a 250 and its
+    bounce arrives days later, possibly after the next issue, possibly out of order.
+    """
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is not None:
+        run = failed_run_length(session, delivery)
+        raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
 
 
 def raise_hard_bounces(session: Session, subscriber_id: int, at_least: int, threshold: int) -> None:

@@ -289,6 +289,12 @@ def test_rejected_item_without_title_or_link_is_named_by_position() -> None:
     assert rejected == [Rejection("item 2", "no link")]
 
 
+def test_overlong_guid_is_dropped_but_the_article_kept() -> None:
+    article = _parse_one(_item(extra=f"<guid isPermaLink='false'>{'g' * 3000}</guid>"))
+    assert article.guid is None
+    assert _parse_one(_item(extra="<guid isPermaLink='false'> g-1 </guid>")).guid == "g-1"
+
+
 def test_image_must_be_http_and_relative_images_resolve() -> None:
     media = 'xmlns:media="http://search.yahoo.com/mrss/"'
     extra = (
@@ -481,6 +487,16 @@ def test_same_guid_under_another_link_is_the_same_article(
     second.write_bytes(_rss(_item(link="https://news.example.org/b", extra="<guid>g-1</guid>")))
     report = fetch_all(sessions, [Feed(url=str(first)), Feed(url=str(second))], NOW)
     assert [(f.new, f.unchanged) for f in report.feeds] == [(1, 0), (0, 1)]
+    assert list(_articles(sessions)) == ["https://news.example.org/a"]
+
+
+def test_an_item_repeated_within_one_feed_is_stored_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    path = tmp_path / "twice.rss"
+    path.write_bytes(_rss(_item() + _item(link="https://NEWS.example.org/a#again")))
+    report = fetch_all(sessions, [Feed(url=str(path))], NOW)
+    assert (report.new, report.feeds[0].unchanged) == (1, 1)
     assert list(_articles(sessions)) == ["https://news.example.org/a"]
 
 

@@ -12,7 +12,7 @@ from digest import pipeline, store
 from digest.cli import main
 from digest.config import load_config
 from digest.errors import SMTPUnavailableError
-from digest.models import DeliveryStatus, SubscriberStatus
+from digest.models import DeliveryStatus, IssueStatus, SubscriberStatus
 from tests.conftest import Recorder, free_port, write_config
 
 D = date(2026, 11, 27)
@@ -164,3 +164,29 @@ def test_unsubscribed_between_runs_is_skipped(
     counts = ledger(app)
     assert counts["skipped"] == 1 and counts["sent"] == 3
     assert DeliveryStatus.SKIPPED == "skipped"
+
+
+def test_three_consecutive_hard_bounces_mark_the_subscriber_bounced(
+    app: pipeline.App, smtp_server: tuple[object, Recorder]
+) -> None:
+    _, server = smtp_server
+    emails = add_subscribers(app, 2)
+    server.rcpt_replies = {emails[0]: "550 5.1.1 mailbox unavailable"}
+    for day in (25, 26, 27):
+        report = pipeline.send(app, date(2026, 11, day))
+        assert report.stats.failed == 1
+    with app.sessions() as session:
+        sub = store.subscriber_by_email(session, emails[0])
+        assert sub is not None and sub.status == "bounced" and sub.hard_bounces == 3
+        ok = store.subscriber_by_email(session, emails[1])
+        assert ok is not None and ok.status == "active" and ok.hard_bounces == 0
+    # A later issue does not even try the bounced address.
+    server.rcpt_replies = {}
+    # Every test article went out already; un-send the 27th so the 28th has content.
+    with app.sessions() as session:
+        store.set_issue_status(
+            session, store.recent_issues(session, 1)[0], IssueStatus.READY, datetime.now(UTC)
+        )
+        session.commit()
+    later = pipeline.send(app, date(2026, 11, 28))
+    assert [m.rcpt_tos for m in server.messages[-later.stats.sent :]] == [[emails[1]]]
