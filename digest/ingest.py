@@ -536,14 +536,19 @@ def _store(session: Session, parsed: ParsedArticle, feed: str, now: datetime) ->
         # Not a content change, but lets a later feed that only shares the guid match.
         article.guid = parsed.guid
     # The link and feed are the article's identity and first source: kept as first seen.
-    changes = {
-        "title": parsed.title,
-        "dek": parsed.dek,
-        "authors": list(parsed.authors),
-        "image_url": parsed.image_url,
-        "categories": list(parsed.categories),
-        "published_at": parsed.published_at,
-    }
+    # Only that feed edits the article; every feed carrying it (a site's per-region
+    # feeds) adds its categories, which accumulate. Otherwise the article would flip
+    # between feeds' versions on every fetch, and its region would depend on which feed
+    # happened to come last.
+    changes: dict[str, object] = {"categories": _unique([*article.categories, *parsed.categories])}
+    if article.feed == feed:
+        changes |= {
+            "title": parsed.title,
+            "dek": parsed.dek,
+            "authors": list(parsed.authors),
+            "image_url": parsed.image_url,
+            "published_at": parsed.published_at,
+        }
     changed = False
     for name, value in changes.items():
         if getattr(article, name) != value:

@@ -105,7 +105,10 @@ def _handler(server: FeedServer) -> type[BaseHTTPRequestHandler]:
                         self._send(304, ETag=server.etag)
                     else:
                         self._send(
-                            200, body, ETag=server.etag, Last_Modified=server.last_modified,
+                            200,
+                            body,
+                            ETag=server.etag,
+                            Last_Modified=server.last_modified,
                             Content_Type="application/rss+xml",
                         )
                 elif path == "/page.html":
@@ -259,8 +262,14 @@ def test_relative_link_uses_the_feed_url_when_the_channel_has_no_link() -> None:
             "http://news.example.org/Path/?b=2&a=1",
         ),
         ("https://news.example.org:443", "https://news.example.org/"),
-        ("https://news.example.org/a?utm_campaign=x&amp;utm_medium=y", "https://news.example.org/a"),
-        ("https://news.example.org/a?q=a%20b&amp;x=%2F", "https://news.example.org/a?q=a%20b&x=%2F"),
+        (
+            "https://news.example.org/a?utm_campaign=x&amp;utm_medium=y",
+            "https://news.example.org/a",
+        ),
+        (
+            "https://news.example.org/a?q=a%20b&amp;x=%2F",
+            "https://news.example.org/a?q=a%20b&x=%2F",
+        ),
     ],
 )
 def test_links_are_canonical(link: str, canonical: str) -> None:
@@ -490,6 +499,31 @@ def test_same_guid_under_another_link_is_the_same_article(
     assert list(_articles(sessions)) == ["https://news.example.org/a"]
 
 
+def test_a_second_feed_adds_categories_but_does_not_edit(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    europe = tmp_path / "europe.rss"
+    crises = tmp_path / "crises.rss"
+    europe.write_bytes(_rss(_item(title="Original", extra="<category>Europe</category>")))
+    crises.write_bytes(
+        _rss(
+            _item(
+                title="Other headline",
+                extra="<category>Global Crises</category><category>europe</category>",
+            )
+        )
+    )
+    feeds = [Feed(url=str(europe), name="europe"), Feed(url=str(crises), name="crises")]
+    first = fetch_all(sessions, feeds, NOW)
+    assert [(f.new, f.updated) for f in first.feeds] == [(1, 0), (0, 1)]
+    (article,) = _articles(sessions).values()
+    assert article.title == "Original" and article.feed == "europe"
+    assert article.categories == ["Europe", "Global Crises"]
+    # Fetching both again changes nothing: no flip-flopping between the feeds' versions.
+    again = fetch_all(sessions, feeds, NOW)
+    assert [(f.updated, f.unchanged) for f in again.feeds] == [(0, 1), (0, 1)]
+
+
 def test_an_item_repeated_within_one_feed_is_stored_once(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -618,7 +652,11 @@ def test_conditional_get_sends_validators_and_304_changes_nothing(
     report = second.feeds[0]
     assert report.not_modified
     assert (report.new, report.updated, report.unchanged, report.rejected, report.error) == (
-        0, 0, 0, [], None
+        0,
+        0,
+        0,
+        [],
+        None,
     )
     assert sorted(_articles(sessions)) == sorted([KENYA, MONSOON])
 
