@@ -29,7 +29,7 @@ def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
 def test_an_uninitialised_or_missing_database_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatabaseError, match="run `digest init` first"):
         store.check_schema(store.open_engine(f"sqlite:///{tmp_path / 'empty.db'}"))
-    with pytest.raises(DatabaseError, match="folder .* does not exist"):
+    with pytest.raises(DatabaseError, match=r"folder .* does not exist"):
         store.open_engine(f"sqlite:///{tmp_path / 'nope' / 'x.db'}")
     with pytest.raises(DatabaseError, match="is not a database URL"):
         store.open_engine("not a url")
