@@ -44,10 +44,15 @@ _WSP_EOL = re.compile(rb" \r\n")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 
 
+def canonical_piece(piece: bytes) -> bytes:
+    """Relaxed canonicalization of part of a body: whitespace runs become one space and
+    blanks before a line end go. Valid piece by piece when no blank run crosses pieces."""
+    return _WSP_EOL.sub(b"\r\n", _WSP_RUN.sub(b" ", piece))
+
+
 def canonical_body(body: bytes) -> bytes:
     """Relaxed body canonicalization (RFC 6376 3.4.4)."""
-    body = _WSP_EOL.sub(b"\r\n", _WSP_RUN.sub(b" ", body))
-    body = body.rstrip(b"\r\n")
+    body = canonical_piece(body).rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
 
 
@@ -88,8 +93,13 @@ class DKIMSigner:
     def sign(self, message: bytes, now: int | None = None) -> bytes:
         """``message`` with a DKIM-Signature header prepended."""
         head, _, body = message.partition(b"\r\n\r\n")
-        headers = _split_headers(head)
         bh = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
+        return self.signature_header(head + b"\r\n", bh, now) + message
+
+    def signature_header(self, head: bytes, body_hash: bytes, now: int | None = None) -> bytes:
+        """The DKIM-Signature header line(s) for a header block and a body hash (base64)."""
+        headers = _split_headers(head.removesuffix(b"\r\n"))
+        bh = body_hash
         names = [n for n in SIGNED_HEADERS if n.lower().encode() in headers]
         tags = (
             f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={self.domain}; s={self.selector}; "
@@ -105,7 +115,7 @@ class DKIMSigner:
         folded = tags.replace(b"; ", b";\r\n\t") + b"\r\n\t".join(
             sig[i : i + 72] for i in range(0, len(sig), 72)
         )
-        return b"DKIM-Signature: " + folded + b"\r\n" + message
+        return b"DKIM-Signature: " + folded + b"\r\n"
 
 
 def load_signer(cfg: DKIMConfig | None) -> DKIMSigner | None:

@@ -235,10 +235,7 @@ def preview(
                 signer.url(config.unsubscribe.base_url, sub.id),
                 message_id(fake_issue, sub.id, renderer.domain),
             )
-    raw = template.personalize(rcpt)
-    dkim = load_signer(config.dkim)
-    if dkim is not None:
-        raw = dkim.sign(raw)
+    raw = template.personalize(rcpt, dkim=load_signer(config.dkim))
     if fmt == "eml":
         return raw
     msg = email.message_from_bytes(raw, policy=email.policy.default)
@@ -481,9 +478,9 @@ async def _send_async(
                         signer.url(config.unsubscribe.base_url, c.subscriber_id),
                         mid,
                     )
-                    raw = template.personalize(rcpt)
-                    if dkim is not None:
-                        raw = dkim.sign(raw)  # the final bytes: no re-render per message
+                    # DKIM signs the final bytes; the body hash runs over pieces
+                    # canonicalized once per edition, not over a re-rendered message.
+                    raw = template.personalize(rcpt, dkim=dkim)
                     yield Outgoing(c.delivery_id, c.subscriber_id, c.email, raw, mid, c.attempts)
 
     try:

@@ -14,24 +14,25 @@ pre-encoded segments never need re-encoding around a value of any length.
 
 from __future__ import annotations
 
+import base64
 import binascii
+import hashlib
 import html as html_lib
 import logging
 import re
 import secrets
-import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email import policy
-from email.headerregistry import Address
 from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 
 from digest.config import Config
+from digest.dkimsign import canonical_piece
 from digest.errors import RenderError
 from digest.select import Section
 
@@ -67,10 +68,6 @@ def one_line(value: str) -> str:
     return " ".join(_CONTROL.sub(" ", value).split())
 
 
-def _printable(value: str) -> str:
-    return "".join(c for c in value if unicodedata.category(c)[0] != "C")
-
-
 @dataclass(frozen=True)
 class Recipient:
     """The per-subscriber values of one message."""
@@ -96,11 +93,17 @@ def _qp(data: str) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
+class BodySigner(Protocol):
+    """What personalization needs of a DKIM signer (see ``dkimsign.DKIMSigner``)."""
+
+    def signature_header(self, head: bytes, body_hash: bytes) -> bytes: ...
+
+
 class MessageTemplate:
     """One edition serialized once, ready to be personalized per subscriber.
 
     ``personalize`` is the hot path of ``send``: it must stay O(number of fields), not
-    O(message size), apart from the final join.
+    O(message size), apart from the final join (and, with DKIM, one hash pass).
     """
 
     def __init__(
@@ -117,48 +120,83 @@ class MessageTemplate:
         self.subject = subject
         self._headers = common_headers
         self._lu_extra = list_unsubscribe_extra
-        self._boundary = boundary.encode()
-        self._parts = parts
+        # Flatten the body into static bytes and (part kind, field) slots, merging
+        # neighbouring static bytes so a message is one join of a few dozen pieces.
+        bound = boundary.encode()
+        pieces: list[bytes | tuple[str, str]] = []
+        for kind, segments in parts:
+            pieces.append(
+                b"--"
+                + bound
+                + b"\r\n"
+                + f'Content-Type: text/{kind}; charset="utf-8"\r\n'.encode()
+                + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+            )
+            for seg in segments:
+                pieces.append(seg if isinstance(seg, bytes) else (kind, seg.key))
+            pieces.append(b"\r\n")
+        pieces.append(b"--" + bound + b"--\r\n")
+        merged: list[bytes | tuple[str, str]] = []
+        for piece in pieces:
+            if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] += piece
+            else:
+                merged.append(piece)
+        self._pieces = merged
+        # DKIM's relaxed body form of each static piece, computed once per edition. Pieces
+        # can be canonicalized apart because no whitespace run crosses a piece boundary:
+        # quoted-printable writes trailing blanks as =20 and fields sit between "=\r\n".
+        self._canonical = [canonical_piece(p) if isinstance(p, bytes) else None for p in merged]
+        self.slots = sorted({p for p in merged if isinstance(p, tuple)})
 
-    def _value(self, kind: str, key: str, rcpt: Recipient) -> bytes:
+    def _values(self, rcpt: Recipient) -> dict[tuple[str, str], bytes]:
         raw = {
-            "name": rcpt.name or NAME_FALLBACK,
-            "email": rcpt.email,
-            "unsubscribe_url": rcpt.unsubscribe_url,
-        }[key]
-        raw = one_line(raw)
-        if kind == "html":
-            raw = html_lib.escape(raw, quote=True)
-        return b"=\r\n" + _qp(raw) + b"=\r\n"
+            "name": one_line(rcpt.name) or NAME_FALLBACK,
+            "email": one_line(rcpt.email),
+            "unsubscribe_url": one_line(rcpt.unsubscribe_url),
+        }
+        out = {}
+        for kind, key in self.slots:
+            value = html_lib.escape(raw[key], quote=True) if kind == "html" else raw[key]
+            # Soft line breaks around the value: the pre-encoded neighbours stay valid
+            # quoted-printable whatever the value's length.
+            out[kind, key] = b"=\r\n" + _qp(value) + b"=\r\n"
+        return out
 
-    def personalize(self, rcpt: Recipient, date_header: str | None = None) -> bytes:
-        """The complete RFC 5322 message (CRLF line ends) for one subscriber."""
+    def personalize(
+        self, rcpt: Recipient, date_header: str | None = None, dkim: BodySigner | None = None
+    ) -> bytes:
+        """The complete RFC 5322 message (CRLF line ends) for one subscriber, DKIM-signed
+        when ``dkim`` is given."""
         name = one_line(rcpt.name)
         to = formataddr((name, rcpt.email), charset="utf-8") if name else rcpt.email
         lu = f"<{one_line(rcpt.unsubscribe_url)}>{self._lu_extra}"
-        out = [
-            self._headers,
-            b"Date: ",
-            (date_header or format_datetime(datetime.now(UTC), usegmt=True)).encode(),
-            b"\r\nTo: ",
-            to.replace("\n", "\r\n").encode(),
-            b"\r\nMessage-ID: ",
-            rcpt.message_id.encode(),
-            b"\r\nList-Unsubscribe: ",
-            lu.encode(),
-            b"\r\n\r\n",
-        ]
-        for kind, segments in self._parts:
-            out.append(b"--" + self._boundary + b"\r\n")
-            out.append(
-                f'Content-Type: text/{kind}; charset="utf-8"\r\n'
-                "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode()
-            )
-            for seg in segments:
-                out.append(seg if isinstance(seg, bytes) else self._value(kind, seg.key, rcpt))
-            out.append(b"\r\n")
-        out.append(b"--" + self._boundary + b"--\r\n")
-        return b"".join(out)
+        head = b"".join(
+            [
+                self._headers,
+                b"Date: ",
+                (date_header or format_datetime(datetime.now(UTC), usegmt=True)).encode(),
+                b"\r\nTo: ",
+                to.replace("\n", "\r\n").encode(),
+                b"\r\nMessage-ID: ",
+                rcpt.message_id.encode(),
+                b"\r\nList-Unsubscribe: ",
+                lu.encode(),
+                b"\r\n",
+            ]
+        )
+        values = self._values(rcpt)
+        body = [p if isinstance(p, bytes) else values[p] for p in self._pieces]
+        if dkim is None:
+            return head + b"\r\n" + b"".join(body)
+        hasher = hashlib.sha256()
+        for piece, canonical in zip(self._pieces, self._canonical, strict=True):
+            if canonical is None:
+                assert isinstance(piece, tuple)
+                canonical = canonical_piece(values[piece])
+            hasher.update(canonical)
+        signature = dkim.signature_header(head, base64.b64encode(hasher.digest()))
+        return signature + head + b"\r\n" + b"".join(body)
 
 
 @dataclass(frozen=True)
@@ -336,13 +374,3 @@ class _Placeholders:
     name: str
     email: str
     unsubscribe_url: str
-
-
-def sender_address(sender: str) -> Address:
-    """The configured sender as an Address (used for the envelope and Message-IDs)."""
-    name, addr = parseaddr(sender)
-    user, _, domain = addr.partition("@")
-    return Address(display_name=name, username=user, domain=domain)
-
-
-RenderFn = Callable[[Recipient], bytes]
