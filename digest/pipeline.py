@@ -12,7 +12,7 @@ import email
 import email.policy
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest import ingest, store
+from digest.store import Claimed
 from digest.config import Config
 from digest.dkimsign import DKIMSigner, load_signer
 from digest.errors import NothingToSend, UsageError
@@ -43,6 +44,7 @@ from digest.tokens import TokenSigner
 # repeated sends to dead addresses as a spammer's sign.
 BOUNCE_THRESHOLD = 3
 CLAIM_BATCH = 500
+PERSONALIZE_CHUNK = 64
 LEASE = timedelta(minutes=10)
 
 
@@ -447,7 +449,10 @@ async def _send_async(
 
     watcher = asyncio.create_task(watch_stop()) if stop is not None else None
 
-    async def source() -> AsyncIterator[Outgoing]:
+    Job = tuple[Claimed, MessageTemplate, Recipient]
+
+    def claimed_jobs() -> Iterator[list[Job]]:
+        """Claimed deliveries in keyset order, in chunks; empty editions recorded as skipped."""
         after = 0
         with app.sessions() as session:
             while True:
@@ -457,6 +462,7 @@ async def _send_async(
                 if not batch:
                     return
                 after = batch[-1].delivery_id
+                jobs: list[Job] = []
                 for c in batch:
                     template = editions.for_regions(c.regions)
                     if template is None:
@@ -472,16 +478,37 @@ async def _send_async(
                         )
                         continue
                     mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
-                    rcpt = Recipient(
-                        c.email,
-                        c.name,
-                        signer.url(config.unsubscribe.base_url, c.subscriber_id),
-                        mid,
+                    url = signer.url(config.unsubscribe.base_url, c.subscriber_id)
+                    jobs.append((c, template, Recipient(c.email, c.name, url, mid)))
+                for i in range(0, len(jobs), PERSONALIZE_CHUNK):
+                    yield jobs[i : i + PERSONALIZE_CHUNK]
+
+    def personalize(jobs: list[Job]) -> list[bytes]:
+        return [template.personalize(rcpt, dkim=dkim) for _, template, rcpt in jobs]
+
+    async def source() -> AsyncIterator[Outgoing]:
+        # With DKIM, each chunk is personalized in a thread while the previous chunk is
+        # being sent: the RSA step (~0.5 ms a message) runs in OpenSSL without the GIL,
+        # on the other core. Without DKIM, personalizing is cheap enough to do inline.
+        ahead: tuple[list[Job], asyncio.Future[list[bytes]]] | None = None
+        for jobs in claimed_jobs():
+            if dkim is None:
+                done: asyncio.Future[list[bytes]] = loop.create_future()
+                done.set_result(personalize(jobs))
+                current = (jobs, done)
+            else:
+                current = (jobs, asyncio.ensure_future(asyncio.to_thread(personalize, jobs)))
+            if ahead is not None:
+                for (c, _, rcpt), raw in zip(ahead[0], await ahead[1], strict=True):
+                    yield Outgoing(
+                        c.delivery_id, c.subscriber_id, c.email, raw, rcpt.message_id, c.attempts
                     )
-                    # DKIM signs the final bytes; the body hash runs over pieces
-                    # canonicalized once per edition, not over a re-rendered message.
-                    raw = template.personalize(rcpt, dkim=dkim)
-                    yield Outgoing(c.delivery_id, c.subscriber_id, c.email, raw, mid, c.attempts)
+            ahead = current
+        if ahead is not None:
+            for (c, _, rcpt), raw in zip(ahead[0], await ahead[1], strict=True):
+                yield Outgoing(
+                    c.delivery_id, c.subscriber_id, c.email, raw, rcpt.message_id, c.attempts
+                )
 
     try:
         return await engine.run(source())
