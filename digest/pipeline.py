@@ -22,7 +22,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest import ingest, store
-from digest.store import Claimed
 from digest.config import Config
 from digest.dkimsign import DKIMSigner, load_signer
 from digest.errors import NothingToSend, UsageError
@@ -38,6 +37,7 @@ from digest.send import (
     SMTPTransport,
     Transport,
 )
+from digest.store import Claimed
 from digest.tokens import TokenSigner
 
 # Three hard bounces in a row and we stop mailing an address: mailbox providers read
