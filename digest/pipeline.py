@@ -486,26 +486,29 @@ async def _send_async(
     def personalize(jobs: list[Job]) -> list[bytes]:
         return [template.personalize(rcpt, dkim=dkim) for _, template, rcpt in jobs]
 
-    async def source() -> AsyncIterator[Outgoing]:
-        # With DKIM, each chunk is personalized in a thread while the previous chunk is
-        # being sent: the RSA step (~0.5 ms a message) runs in OpenSSL without the GIL,
-        # on the other core. Without DKIM, personalizing is cheap enough to do inline.
+    def start(jobs: list[Job]) -> asyncio.Future[list[bytes]]:
+        # With DKIM, a chunk is personalized in a thread while the previous one is being
+        # sent: the RSA step (~0.5 ms a message) runs in OpenSSL without the GIL, on the
+        # other core. Without DKIM, personalizing is cheap enough to do inline.
+        if dkim is not None:
+            return asyncio.ensure_future(asyncio.to_thread(personalize, jobs))
+        done: asyncio.Future[list[bytes]] = loop.create_future()
+        done.set_result(personalize(jobs))
+        return done
+
+    async def chunks() -> AsyncIterator[tuple[list[Job], list[bytes]]]:
         ahead: tuple[list[Job], asyncio.Future[list[bytes]]] | None = None
         for jobs in claimed_jobs():
-            if dkim is None:
-                done: asyncio.Future[list[bytes]] = loop.create_future()
-                done.set_result(personalize(jobs))
-                current = (jobs, done)
-            else:
-                current = (jobs, asyncio.ensure_future(asyncio.to_thread(personalize, jobs)))
+            current = (jobs, start(jobs))  # one chunk ahead of the one being sent
             if ahead is not None:
-                for (c, _, rcpt), raw in zip(ahead[0], await ahead[1], strict=True):
-                    yield Outgoing(
-                        c.delivery_id, c.subscriber_id, c.email, raw, rcpt.message_id, c.attempts
-                    )
+                yield ahead[0], await ahead[1]
             ahead = current
         if ahead is not None:
-            for (c, _, rcpt), raw in zip(ahead[0], await ahead[1], strict=True):
+            yield ahead[0], await ahead[1]
+
+    async def source() -> AsyncIterator[Outgoing]:
+        async for jobs, messages in chunks():
+            for (c, _, rcpt), raw in zip(jobs, messages, strict=True):
                 yield Outgoing(
                     c.delivery_id, c.subscriber_id, c.email, raw, rcpt.message_id, c.attempts
                 )
