@@ -298,20 +298,17 @@ class SQLLedger:
         bounced: list[int] = []
         try:
             for o, _ in batch:
-                row: dict[str, Any] = {
-                    "id": o.delivery_id,
-                    "status": o.status,
-                    "attempts": o.attempts,
-                    "last_error": o.error,
-                    "lease_until": None,
-                }
-                if o.message_id:
-                    row["message_id"] = o.message_id
-                if o.status == DeliveryStatus.SENT:
-                    row["sent_at"] = now
-                if o.status == DeliveryStatus.DEFERRED:
-                    row["next_attempt_at"] = o.next_attempt_at
-                rows.append(row)
+                rows.append(
+                    {
+                        "id": o.delivery_id,
+                        "status": o.status,
+                        "attempts": o.attempts,
+                        "last_error": o.error,
+                        "message_id": o.message_id,
+                        "sent_at": now if o.status == DeliveryStatus.SENT else None,
+                        "next_attempt_at": o.next_attempt_at,
+                    }
+                )
                 if o.permanent:
                     bounced.append(o.delivery_id)
             store.record_outcomes(self._session, rows)

@@ -227,3 +227,31 @@ def test_arbitrary_names_and_titles_never_break_the_message(
     headlines = [" ".join(a.text_content().split()) for a in doc.iter("a")]
     assert " ".join(title.split()) in headlines
     assert not list(doc.iter("script", "iframe", "object", "embed"))
+
+
+def test_mailto_unsubscribe_and_reply_to_when_configured(config: Config) -> None:
+    cfg = config.model_copy(
+        update={
+            "unsubscribe": config.unsubscribe.model_copy(
+                update={"mailto": "leave@news.example.org"}
+            ),
+            "newsletter": config.newsletter.model_copy(
+                update={"reply_to": "Desk <desk@news.example.org>"}
+            ),
+        }
+    )
+    msg = parse(
+        Renderer(cfg).edition(IssueContext(date(2026, 11, 27), 1), sections()).personalize(rcpt())
+    )
+    assert msg["List-Unsubscribe"] == (
+        "<https://u.example/unsubscribe/T0K>, <mailto:leave@news.example.org?subject=unsubscribe>"
+    )
+    assert msg["Reply-To"] == "Desk <desk@news.example.org>"
+    assert msg["From"] == "The Test Desk <roundup@news.example.org>"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    # The footer: why, postal address, visible unsubscribe link, in both parts.
+    for body in (text, html):
+        assert "1 Test Street, Testville" in body
+        assert "You are receiving this because you subscribed to The Weekly Round-up" in body
+        assert "https://u.example/unsubscribe/T0K" in body

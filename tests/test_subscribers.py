@@ -701,3 +701,23 @@ def test_export_of_an_empty_list_writes_the_header(sessions: sessionmaker[Sessio
     with sessions() as session:
         assert export_csv(session, out) == 0
     assert out.getvalue() == "email,name,regions,status\n"
+
+
+def test_a_100k_row_file_is_imported_whole(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        f.write("email,name,regions\n")
+        for i in range(100_000):
+            f.write(
+                f"reader{i}@example{i % 300}.org,Reader {i},{REGIONS[i % 3] if i % 2 else ''}\n"
+            )
+        f.write("broken-address,Nobody,\n")
+    report = import_path(sessions, path, REGIONS, NOW)
+    assert report.added == 100_000
+    assert [(r.line, r.value) for r in report.rejected] == [("line 100002", "broken-address")]
+    with sessions() as session:
+        assert session.query(Subscriber).count() == 100_000
+        last = session.scalars(
+            select(Subscriber).where(Subscriber.email == "reader99999@example99.org")
+        ).one()
+        assert last.regions == ["Europe"] and last.name == "Reader 99999"
