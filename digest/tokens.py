@@ -7,6 +7,8 @@ A tampered token, or one signed with another secret, does not verify.
 
 from __future__ import annotations
 
+import hashlib
+
 import itsdangerous
 
 from digest.errors import ConfigError, TokenError
@@ -27,8 +29,14 @@ class TokenSigner:
             raise ConfigError(
                 f"unsubscribe secret missing or shorter than 16 characters: {SECRET_HINT}"
             )
+        # itsdangerous derives the HMAC key from secret and salt on every call; derive it
+        # once (a token is made per message sent) and sign with it directly. The tokens
+        # are byte-for-byte those of the plain serializer.
+        key = itsdangerous.Signer(secret, salt=_SALT, digest_method=hashlib.sha256).derive_key()
         self._s = itsdangerous.URLSafeSerializer(
-            secret, salt=_SALT, signer_kwargs={"digest_method": _sha256()}
+            key,
+            salt=_SALT,
+            signer_kwargs={"digest_method": hashlib.sha256, "key_derivation": "none"},
         )
 
     def token(self, subscriber_id: int) -> str:
@@ -48,9 +56,3 @@ class TokenSigner:
     def url(self, base_url: str, subscriber_id: int) -> str:
         """The one-click unsubscribe URL served by ``digest serve``."""
         return f"{base_url}/unsubscribe/{self.token(subscriber_id)}"
-
-
-def _sha256() -> object:
-    import hashlib
-
-    return hashlib.sha256
