@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import http.server
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -41,8 +40,15 @@ sys.path.insert(0, str(ROOT))
 
 REGIONS = ["Asia-Pacific", "Europe", "Middle East", "Global Crises"]
 # Region preferences of the synthetic list: several editions, most readers take everything.
-PREFS: list[list[str] | None] = [None, None, None, ["Europe"], ["Asia-Pacific", "Middle East"],
-                                 ["Global Crises"], ["Europe", "Middle East"]]
+PREFS: list[list[str] | None] = [
+    None,
+    None,
+    None,
+    ["Europe"],
+    ["Asia-Pacific", "Middle East"],
+    ["Global Crises"],
+    ["Europe", "Middle East"],
+]
 EDITION = "2026-11-27"
 ARTICLES = 20  # a realistic round-up: ~20 articles in 5 sections
 
@@ -60,8 +66,10 @@ def feed_xml(n_items: int, offset: int = 0) -> str:
     for i in range(n_items):
         cat = cats[i % len(cats)]
         pub = (base - timedelta(hours=7 * i + offset)).strftime("%a, %d %b %Y %H:%M:%S +0000")
-        dek = ("A realistic standfirst about events in the region, long enough to wrap over "
-               "two or three lines in a mail client, with some detail. ") * 2
+        dek = (
+            "A realistic standfirst about events in the region, long enough to wrap over "
+            "two or three lines in a mail client, with some detail. "
+        ) * 2
         items.append(
             f"<item><title>{escape(cat)} analysis {offset}-{i}: what the week's events mean</title>"
             f"<link>https://news.example.org/{offset}/{i}</link><pubDate>{pub}</pubDate>"
@@ -73,15 +81,18 @@ def feed_xml(n_items: int, offset: int = 0) -> str:
         '<?xml version="1.0"?><rss version="2.0" xmlns:media="http://search.yahoo.com/mrss/" '
         'xmlns:dc="http://purl.org/dc/elements/1.1/"><channel><title>Bench</title>'
         "<link>https://news.example.org/</link><description>b</description>"
-        + "".join(items) + "</channel></rss>"
+        + "".join(items)
+        + "</channel></rss>"
     )
 
 
 def write_config(folder: Path, port: int, concurrency: int, feeds: list[str], dkim: bool) -> Path:
     dkim_section = ""
     if dkim:
-        dkim_section = ('\n[dkim]\ndomain = "news.example.org"\nselector = "bench"\n'
-                        'private_key_path = "dkim.pem"\n')
+        dkim_section = (
+            '\n[dkim]\ndomain = "news.example.org"\nselector = "bench"\n'
+            'private_key_path = "dkim.pem"\n'
+        )
     feed_lines = "".join(f'\n[[feeds]]\nurl = "{f}"\n' for f in feeds)
     text = textwrap.dedent(f"""
         [publication]
@@ -125,7 +136,9 @@ def run_isolated(cmd: list[str]) -> tuple[float, float, str]:
     import json
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env
+    )
     data = json.loads(res.stdout)
     if data["rc"] != 0:
         sys.exit(f"command failed ({data['rc']}): {' '.join(cmd)}\n{data['err']}")
@@ -138,11 +151,16 @@ class Sink:
     def __init__(self) -> None:
         exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         if not Path(exe).exists():
-            sys.exit("smtp-sink not found: install Postfix's tools (Debian: apt-get install postfix)")
+            sys.exit(
+                "smtp-sink not found: install Postfix's tools (Debian: apt-get install postfix)"
+            )
         self.port = free_port()
         # -c: count; 1000: listen backlog. Runs until killed.
-        self.proc = subprocess.Popen([exe, "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [exe, "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
@@ -180,8 +198,25 @@ def smtp_source(port: int, n: int, k: int, size: int) -> float | None:
     if not Path(exe).exists():
         return None
     t0 = time.perf_counter()
-    subprocess.run([exe, "-d", "-s", str(k), "-m", str(n), "-l", str(size), "-f", "roundup@news.example.org",
-                    "-t", "r@example.org", f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            exe,
+            "-d",
+            "-s",
+            str(k),
+            "-m",
+            str(n),
+            "-l",
+            str(size),
+            "-f",
+            "roundup@news.example.org",
+            "-t",
+            "r@example.org",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -198,12 +233,22 @@ def prepare_db(folder: Path, config: Path, n: int) -> None:
     now = datetime.now(UTC)
     with app.sessions() as session:
         for start in range(0, n, 10_000):
-            store.add_subscribers(session, [
-                {"email": f"reader{i}@example.org", "name": f"Reader {i}", "regions": PREFS[i % len(PREFS)],
-                 "status": SubscriberStatus.ACTIVE, "source": "bench", "created_at": now,
-                 "updated_at": now, "hard_bounces": 0}
-                for i in range(start, min(n, start + 10_000))
-            ])
+            store.add_subscribers(
+                session,
+                [
+                    {
+                        "email": f"reader{i}@example.org",
+                        "name": f"Reader {i}",
+                        "regions": PREFS[i % len(PREFS)],
+                        "status": SubscriberStatus.ACTIVE,
+                        "source": "bench",
+                        "created_at": now,
+                        "updated_at": now,
+                        "hard_bounces": 0,
+                    }
+                    for i in range(start, min(n, start + 10_000))
+                ],
+            )
         session.commit()
     app.engine.dispose()
 
@@ -237,8 +282,20 @@ def sample_messages(port: int, k: int) -> list[bytes]:
     out = []
     for i in range(len(PREFS)):
         path = folder / f"m{i}.eml"
-        run_isolated(digest_cmd(config, "preview", "--date", EDITION, "--format", "eml",
-                                "--subscriber", f"reader{i}@example.org", "--out", str(path)))
+        run_isolated(
+            digest_cmd(
+                config,
+                "preview",
+                "--date",
+                EDITION,
+                "--format",
+                "eml",
+                "--subscriber",
+                f"reader{i}@example.org",
+                "--out",
+                str(path),
+            )
+        )
         out.append(path.read_bytes())
     shutil.rmtree(folder)
     return out
@@ -257,7 +314,9 @@ def bench_import(n: int) -> float:
         for i in range(n):
             prefs = PREFS[i % len(PREFS)]
             f.write(f"reader{i}@example{i % 500}.org,Reader {i},{';'.join(prefs or [])}\n")
-    wall, _, out = run_isolated(digest_cmd(config, "subscribers", "import", str(folder / "list.csv")))
+    wall, _, out = run_isolated(
+        digest_cmd(config, "subscribers", "import", str(folder / "list.csv"))
+    )
     assert f"{n} added" in out, out
     shutil.rmtree(folder)
     return wall
@@ -274,7 +333,9 @@ def bench_fetch(n_feeds: int) -> float:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(feeds)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(feeds))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     urls = [f"http://127.0.0.1:{port}/f{i}.xml" for i in range(n_feeds)]
@@ -291,11 +352,15 @@ def bench_fetch(n_feeds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--subscribers", type=int, default=100_000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--skip-dkim", action="store_true")
-    parser.add_argument("--skip-extras", action="store_true", help="skip the import and fetch timings")
+    parser.add_argument(
+        "--skip-extras", action="store_true", help="skip the import and fetch timings"
+    )
     args = parser.parse_args()
     n, k = args.subscribers, args.connections
     print(f"machine: {os.cpu_count()} cores; N = {n:,} subscribers; {k} connections")
@@ -303,8 +368,10 @@ def main() -> None:
     try:
         messages = sample_messages(sink.port, k)
         size = sum(len(m) for m in messages) // len(messages)
-        print(f"message size: {size:,} bytes on average over {len(messages)} editions "
-              f"(full edition {len(messages[0]):,})")
+        print(
+            f"message size: {size:,} bytes on average over {len(messages)} editions "
+            f"(full edition {len(messages[0]):,})"
+        )
         floor_wall = asyncio.run(floor_loop(sink.port, messages, n, k))
         floor = n / floor_wall
         limit_wall = smtp_source(sink.port, n, k, size)
@@ -321,10 +388,14 @@ def main() -> None:
     print(f"{'smtp-source -d (limit)':30} {limit:9.0f} {limit_wall or 0:8.1f}")
     print(f"{'aiosmtplib sendmail (floor)':30} {floor:9.0f} {floor_wall:8.1f}")
     for name, r in rows:
-        print(f"{name:30} {r['rate']:9.0f} {r['wall']:8.1f} {r['rss']:12.1f} "
-              f"{r['rate'] / floor:7.2f} {r['rate'] / limit:7.2f}")
-    print(f"peak RSS of digest send: {small['rss']:.1f} MB at N={max(1, n // 10):,}, "
-          f"{full['rss']:.1f} MB at N={n:,} (+{full['rss'] - small['rss']:.1f} MB)")
+        print(
+            f"{name:30} {r['rate']:9.0f} {r['wall']:8.1f} {r['rss']:12.1f} "
+            f"{r['rate'] / floor:7.2f} {r['rate'] / limit:7.2f}"
+        )
+    print(
+        f"peak RSS of digest send: {small['rss']:.1f} MB at N={max(1, n // 10):,}, "
+        f"{full['rss']:.1f} MB at N={n:,} (+{full['rss'] - small['rss']:.1f} MB)"
+    )
     if not args.skip_extras:
         print(f"CSV import of {n:,} subscribers: {bench_import(n):.1f} s")
         print(f"fetch of 50 feeds from loopback: {bench_fetch(50):.1f} s")
