@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from digest import pipeline
 from digest.config import Config, default_config_path, load_config
@@ -30,6 +31,12 @@ class DigestGroup(click.Group):
         except DigestError as exc:
             click.echo(f"digest: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except SQLAlchemyError as exc:
+            # Not a user mistake but still no traceback: a locked or vanished database,
+            # a concurrent writer. The ledger keeps what was committed; re-run the command.
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            click.echo(f"digest: error: database error: {reason}; re-run the command", err=True)
+            ctx.exit(1)
 
 
 class Obj:

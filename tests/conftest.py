@@ -53,13 +53,14 @@ class Recorder:
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    rcpt_once: dict[str, str] = field(default_factory=dict)  # replied once, then accepted
     data_replies: list[str] = field(default_factory=list)
     sessions: int = 0
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
-        reply = self.rcpt_replies.get(address)
+        reply = self.rcpt_replies.get(address) or self.rcpt_once.pop(address, None)
         if reply:
             return reply
         envelope.rcpt_tos.append(address)

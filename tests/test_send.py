@@ -80,9 +80,10 @@ def test_transient_failures_are_retried_and_not_doubled(
         "421 4.7.0 too busy, closing",
         "452 4.3.1 full",
     ]
-    server.rcpt_replies = {}
+    server.rcpt_once = {emails[4]: "451 4.7.1 greylisted", emails[7]: "421 4.3.2 shutting down"}
     report = pipeline.send(app, D)
-    assert report.stats.sent == 10 and report.stats.retries == 3
+    assert report.stats.sent == 10 and report.stats.retries == 5
+    assert server.rcpt_once == {}
     assert sorted(r for m in server.messages for r in m.rcpt_tos) == sorted(emails)
     counts = ledger(app)
     assert counts["sent"] == 10 and counts["deferred"] == 0
