@@ -191,3 +191,33 @@ def test_three_consecutive_hard_bounces_mark_the_subscriber_bounced(
         session.commit()
     later = pipeline.send(app, date(2026, 11, 28))
     assert [m.rcpt_tos for m in server.messages[-later.stats.sent :]] == [[emails[1]]]
+
+
+async def test_lines_starting_with_a_dot_survive_smtp(
+    config_path: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    from digest.send import SMTPTransport
+
+    _, server = smtp_server
+    config = load_config(config_path)
+    body = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n"
+    transport = SMTPTransport(config.smtp, None)
+    try:
+        reply = await transport.send("roundup@news.example.org", "r@example.org", body)
+    finally:
+        await transport.close()
+    assert reply.startswith("250")
+    assert server.messages[0].data == body
+
+
+def test_send_refuses_to_start_without_an_unsubscribe_secret(
+    tmp_path: Path, feed_file: Path
+) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace('secret = "test-secret-0123456789abcdef"', ""))
+    CliRunner().invoke(main, ["--config", str(path), "init"])
+    result = CliRunner().invoke(main, ["--config", str(path), "send", "--date", str(D)])
+    assert result.exit_code == 2
+    assert (
+        "unsubscribe secret missing" in result.stderr and "secrets.token_urlsafe" in result.stderr
+    )
