@@ -12,7 +12,7 @@ import email
 import email.policy
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
@@ -503,7 +503,7 @@ async def _send_async(
         if ahead is not None:
             yield ahead[0], await ahead[1]
 
-    async def source() -> AsyncIterator[Outgoing]:
+    async def source() -> AsyncGenerator[Outgoing, None]:
         async for jobs, messages in chunks():
             for (c, _, rcpt), raw in zip(jobs, messages, strict=True):
                 yield Outgoing(

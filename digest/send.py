@@ -19,9 +19,10 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -238,7 +239,6 @@ class SendEngine:
         self.stats = SendStats()
         self._queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=concurrency * 4)
         self._outstanding = 0
-        self._source_done = False
         self._idle = asyncio.Event()
         self._fatal: SMTPUnavailableError | None = None
         self._stop = asyncio.Event()
@@ -248,17 +248,18 @@ class SendEngine:
         self.stats.interrupted = True
         self._stop.set()
 
-    async def run(self, source: AsyncIterator[Outgoing]) -> SendStats:
+    async def run(self, source: AsyncGenerator[Outgoing, None]) -> SendStats:
         """Send everything ``source`` yields; raise SMTPUnavailableError if SMTP is down."""
         workers = [asyncio.create_task(self._worker(self._transports())) for _ in range(self._k)]
         try:
-            async for item in source:
-                if self._fatal or self._stop.is_set():
-                    break
-                self._outstanding += 1
-                self._idle.clear()
-                await self._queue.put(item)
-            self._source_done = True
+            # aclosing: when we stop early, the source's database session closes now.
+            async with contextlib.aclosing(source):
+                async for item in source:
+                    if self._fatal or self._stop.is_set():
+                        break
+                    self._outstanding += 1
+                    self._idle.clear()
+                    await self._queue.put(item)
             if self._outstanding and not (self._fatal or self._stop.is_set()):
                 await self._wait_idle()
         except BaseException:

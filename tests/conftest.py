@@ -55,7 +55,6 @@ class Recorder:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     rcpt_once: dict[str, str] = field(default_factory=dict)  # replied once, then accepted
     data_replies: list[str] = field(default_factory=list)
-    sessions: int = 0
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
