@@ -257,8 +257,9 @@ class SQLLedger:
     rows from K workers share a commit, so the ledger costs little per message.
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._session = sessions()
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._conn = engine.connect()
         self._pending: list[tuple[Outcome, asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
         self._closed = False
@@ -311,11 +312,12 @@ class SQLLedger:
                 )
                 if o.permanent:
                     bounced.append(o.delivery_id)
-            store.record_outcomes(self._session, rows)
+            store.record_outcomes(self._conn, rows)
             if bounced:  # rare: a query each, after the statuses above are written
-                for delivery_id in bounced:
-                    store.count_hard_bounce(self._session, delivery_id, BOUNCE_THRESHOLD)
-                self._session.commit()
+                with self._sessions() as session:
+                    for delivery_id in bounced:
+                        store.count_hard_bounce(session, delivery_id, BOUNCE_THRESHOLD)
+                    session.commit()
         except BaseException as exc:
             for _, fut in batch:
                 if fut is not None and not fut.done():
@@ -326,8 +328,8 @@ class SQLLedger:
                 fut.set_result(None)
 
     def dispose(self) -> None:
-        """Release the ledger's session."""
-        self._session.close()
+        """Release the ledger's connection."""
+        self._conn.close()
 
 
 @dataclass
@@ -421,7 +423,7 @@ async def _send_async(
     stop: threading.Event | None,
 ) -> SendStats:
     config = app.config
-    ledger = SQLLedger(app.sessions)
+    ledger = SQLLedger(app.engine, app.sessions)
     engine = SendEngine(
         transports,
         ledger,
