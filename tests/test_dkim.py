@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,26 +23,17 @@ from tests.test_render import Art, rcpt
 from tests.test_send import D, add_subscribers
 
 
+def keygen_cli(config_path: Path, key: Path, selector: str, domain: str) -> Result:
+    args = ["dkim", "keygen", "--out", str(key), "--selector", selector, "--domain", domain]
+    return CliRunner().invoke(main, ["--config", str(config_path), *args])
+
+
 def test_send_signs_and_dkimpy_verifies(
     tmp_path: Path, config_path: Path, smtp_server: tuple[object, Recorder]
 ) -> None:
     _, server = smtp_server
     key = tmp_path / "dkim.pem"
-    result = CliRunner().invoke(
-        main,
-        [
-            "--config",
-            str(config_path),
-            "dkim",
-            "keygen",
-            "--out",
-            str(key),
-            "--selector",
-            "digest",
-            "--domain",
-            "news.example.org",
-        ],
-    )
+    result = keygen_cli(config_path, key, "digest", "news.example.org")
     assert result.exit_code == 0, result.output
     assert key.stat().st_mode & 0o777 == 0o600
     m = re.search(
@@ -100,21 +91,7 @@ def test_send_signs_and_dkimpy_verifies(
 def test_keygen_refuses_to_overwrite(tmp_path: Path, config_path: Path) -> None:
     key = tmp_path / "k.pem"
     key.write_text("precious")
-    result = CliRunner().invoke(
-        main,
-        [
-            "--config",
-            str(config_path),
-            "dkim",
-            "keygen",
-            "--out",
-            str(key),
-            "--selector",
-            "s",
-            "--domain",
-            "d.example",
-        ],
-    )
+    result = keygen_cli(config_path, key, "s", "d.example")
     assert result.exit_code == 2 and "refusing to overwrite" in result.stderr
     assert key.read_text() == "precious"
 

@@ -195,15 +195,8 @@ def _run_process(config_path: Path) -> subprocess.Popen[str]:
     )
 
 
-def _wait(cond: object, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_run_killed_mid_send_resumes_on_restart(config_path: Path, feed_file: Path) -> None:
-    from tests.test_faults import SlowRecorder, start
+    from tests.test_faults import SlowRecorder, start, wait_for
 
     handler = SlowRecorder(delay=0.01)
     controller = start(handler)
@@ -212,13 +205,13 @@ def test_run_killed_mid_send_resumes_on_restart(config_path: Path, feed_file: Pa
         _prepare(path, feed_file, readers=300)
         _stored_send_due_at(path, datetime.now(UTC) - timedelta(minutes=5))
         first = _run_process(path)
-        _wait(lambda: len(handler.messages) >= 60)
+        wait_for(lambda: len(handler.messages) >= 60)
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         assert len(handler.messages) < 300
         second = _run_process(path)  # its start-up resume job finishes the edition
         try:
-            _wait(lambda: len({r for m in handler.messages for r in m.rcpt_tos}) >= 300)
+            wait_for(lambda: len({r for m in handler.messages for r in m.rcpt_tos}) >= 300)
             time.sleep(0.5)
         finally:
             second.send_signal(signal.SIGTERM)
@@ -231,7 +224,7 @@ def test_run_killed_mid_send_resumes_on_restart(config_path: Path, feed_file: Pa
 
 
 def test_sigterm_stops_run_mid_send_within_seconds(config_path: Path, feed_file: Path) -> None:
-    from tests.test_faults import SlowRecorder, start
+    from tests.test_faults import SlowRecorder, start, wait_for
 
     handler = SlowRecorder(delay=0.02)
     controller = start(handler)
@@ -240,7 +233,7 @@ def test_sigterm_stops_run_mid_send_within_seconds(config_path: Path, feed_file:
         app = _prepare(path, feed_file, readers=400)
         _stored_send_due_at(path, datetime.now(UTC) - timedelta(minutes=5))
         proc = _run_process(path)
-        _wait(lambda: len(handler.messages) >= 30)
+        wait_for(lambda: len(handler.messages) >= 30)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
