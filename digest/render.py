@@ -149,12 +149,8 @@ class MessageTemplate:
         self._canonical = [canonical_piece(p) if isinstance(p, bytes) else None for p in merged]
         self.slots = sorted({p for p in merged if isinstance(p, tuple)})
 
-    def _values(self, rcpt: Recipient) -> dict[tuple[str, str], bytes]:
-        raw = {
-            "name": one_line(rcpt.name) or NAME_FALLBACK,
-            "email": one_line(rcpt.email),
-            "unsubscribe_url": one_line(rcpt.unsubscribe_url),
-        }
+    def _values(self, raw: dict[str, str]) -> dict[tuple[str, str], bytes]:
+        """Each slot's value, escaped for its part and quoted-printable encoded."""
         out = {}
         for kind, key in self.slots:
             value = html_lib.escape(raw[key], quote=True) if kind == "html" else raw[key]
@@ -168,9 +164,11 @@ class MessageTemplate:
     ) -> bytes:
         """The complete RFC 5322 message (CRLF line ends) for one subscriber, DKIM-signed
         when ``dkim`` is given."""
+        # Cleaned once: the same values go into headers and both body parts.
         name = one_line(rcpt.name)
+        url = one_line(rcpt.unsubscribe_url)
         to = formataddr((name, rcpt.email), charset="utf-8") if name else rcpt.email
-        lu = f"<{one_line(rcpt.unsubscribe_url)}>{self._lu_extra}"
+        lu = f"<{url}>{self._lu_extra}"
         head = b"".join(
             [
                 self._headers,
@@ -185,7 +183,9 @@ class MessageTemplate:
                 b"\r\n",
             ]
         )
-        values = self._values(rcpt)
+        values = self._values(
+            {"name": name or NAME_FALLBACK, "email": one_line(rcpt.email), "unsubscribe_url": url}
+        )
         body = [p if isinstance(p, bytes) else values[p] for p in self._pieces]
         if dkim is None:
             return head + b"\r\n" + b"".join(body)

@@ -262,8 +262,8 @@ def create_issue(
 ) -> Issue:
     """Freeze a selection as the issue for ``edition_date``.
 
-    Raises :class:`IntegrityError`-free: when another process froze the same date first,
-    that issue is returned instead, since the date is unique.
+    Never raises for a duplicate: when another process froze the same date first, that
+    issue is returned instead (the date is unique).
     """
     issue = Issue(
         edition_date=edition_date, subject=subject, built_at=now, status=IssueStatus.READY
