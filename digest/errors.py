@@ -18,8 +18,10 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
     └── DeliveryError                one SMTP delivery went wrong
         ├── TransientDeliveryError   4xx reply, dropped connection, timeout: retry later
         │   └── AmbiguousDeliveryError  the reply to the final "." never came
-        ├── PermanentDeliveryError   5xx reply to RCPT or DATA: do not retry
+        ├── PermanentDeliveryError   the recipient was refused (5xx to RCPT, 5.1.x/5.2.x)
         └── SMTPUnavailableError     cannot connect or log in at all: abort the run
+            └── SenderRejectedError  the server refuses our sender, session or message
+                                     as a whole: abort the run, count against nobody
 """
 
 from __future__ import annotations
@@ -89,8 +91,21 @@ class AmbiguousDeliveryError(TransientDeliveryError):
 
 
 class PermanentDeliveryError(DeliveryError):
-    """A 5xx reply to RCPT or DATA: retrying will not help."""
+    """The recipient was refused for good (a 5xx to RCPT, or 5.1.x/5.2.x at DATA).
+
+    Only this counts as a hard bounce against the subscriber.
+    """
 
 
 class SMTPUnavailableError(DeliveryError):
     """The SMTP server refuses connections or credentials: the whole run stops."""
+
+
+class SenderRejectedError(SMTPUnavailableError):
+    """A 5xx about us, not about the recipient: our sender, session or message is refused.
+
+    A 5xx to MAIL FROM, "authentication required", "relay access denied", or a DATA
+    reply refusing the message as a whole (policy, content, size). Every other recipient
+    would get the same answer, so counting it as their bounce would mark the whole list
+    bounced within three issues; instead the run stops and the rows stay pending.
+    """

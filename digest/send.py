@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import ssl
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from digest.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
     PermanentDeliveryError,
+    SenderRejectedError,
     SMTPUnavailableError,
     TransientDeliveryError,
 )
@@ -106,18 +108,13 @@ class SMTPTransport:
             return f"{response.code} {response.message}"
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset()
-            text = f"{exc.code} {exc.message}"
             if exc.code == 421:
                 await self.close()  # 421: the server is closing this channel
-            if 400 <= exc.code < 500:
-                raise TransientDeliveryError(f"{stage}: {text}", exc.code, text) from None
-            raise PermanentDeliveryError(f"{stage}: {text}", exc.code, text) from None
+            raise self._classify(stage, exc.code, exc.message) from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await self._reset()
             first = exc.recipients[0]
-            text = f"{first.code} {first.message}"
-            cls = TransientDeliveryError if 400 <= first.code < 500 else PermanentDeliveryError
-            raise cls(f"RCPT: {text}", first.code, text) from None
+            raise self._classify("RCPT", first.code, first.message) from None
         except aiosmtplib.SMTPTimeoutError:
             await self.close()
             if stage == "DATA":
@@ -128,6 +125,27 @@ class SMTPTransport:
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPException, OSError) as exc:
             await self.close()
             raise TransientDeliveryError(f"{stage}: connection lost ({_reason(exc)})") from None
+
+    def _classify(self, stage: str, code: int, message: str) -> DeliveryError:
+        """The error for a refusal ``code`` at ``stage``: whom it is about decides.
+
+        Only a refusal of the *recipient* may count as their hard bounce. A refusal of
+        our sender, session or message would be the same for every recipient, and
+        counting it would mark the whole list bounced within three issues.
+        """
+        reply = " ".join(f"{code} {message}".split())
+        if 400 <= code < 500:
+            return TransientDeliveryError(f"{stage}: {reply}", code, reply)
+        about = _refused_party(stage, code, message)
+        if about == "recipient":
+            return PermanentDeliveryError(f"{stage}: {reply}", code, reply)
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        return SenderRejectedError(
+            f"SMTP server {where} refused {about} at {stage} ({reply}); nobody's bounce "
+            f"count changed and the rest stay pending: {_FIXES[about]}, then run send again",
+            code,
+            reply,
+        )
 
     async def _reset(self) -> None:
         if self._smtp is not None and self._smtp.is_connected:
@@ -144,6 +162,42 @@ class SMTPTransport:
                 await smtp.quit(timeout=5)
             except (aiosmtplib.SMTPException, OSError):
                 smtp.close()
+
+
+# RFC 3463 enhanced status code at the start of a reply's text, e.g. "5.7.1 Sender rejected".
+_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+# "Relay access denied" (Postfix), "Relaying denied" (Sendmail), "relay not permitted"
+# (Exim), "Unable to relay" (Exchange): the relay will not take mail from us at all.
+_RELAY_DENIED = re.compile(r"\brelay", re.IGNORECASE)
+_FIXES = {
+    "our sender": "check newsletter.sender is an address the relay accepts from us",
+    "our session": "check smtp.username, smtp.password_env and smtp.security",
+    "the message": "read the reply (policy, content or size) and fix the message",
+}
+
+
+def _refused_party(stage: str, code: int, message: str) -> str:
+    """Whom a 5xx refusal is about: "recipient", "our sender", "our session" or "the message".
+
+    * 530/538 (authentication or encryption required) and the X.7.8-X.7.14 family
+      (credentials, trust) at any stage: our session.
+    * MAIL: our sender (e.g. ``553 5.7.1 Sender rejected``).
+    * RCPT: the recipient, unless the relay refuses to relay for us at all.
+    * DATA: the recipient only for ``5.1.x`` (address) and ``5.2.x`` (mailbox); anything
+      else (``5.7.x`` policy, ``5.6.x`` content, ``5.3.4`` size, no code) refuses a
+      message every other recipient would get as well.
+    """
+    enhanced = _ENHANCED.match(message)
+    subject, detail = (int(enhanced[2]), int(enhanced[3])) if enhanced else (0, 0)
+    if code in (530, 538) or (subject == 7 and 8 <= detail <= 14):
+        return "our session"
+    if stage == "MAIL":
+        return "our sender"
+    if stage == "RCPT":
+        return "our session" if _RELAY_DENIED.search(message) else "recipient"
+    if stage == "DATA" and subject in (1, 2):
+        return "recipient"
+    return "the message"
 
 
 def _reason(exc: BaseException) -> str:

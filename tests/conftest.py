@@ -48,13 +48,23 @@ class Recorder:
 
     ``rcpt_replies`` maps an address to a reply for RCPT (e.g. "550 5.1.1 no such user");
     ``data_replies`` is a list of replies used (and consumed) for successive DATA commands
-    before accepting normally.
+    before accepting normally; ``mail_reply``, when set, answers every MAIL FROM.
     """
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     rcpt_once: dict[str, str] = field(default_factory=dict)  # replied once, then accepted
     data_replies: list[str] = field(default_factory=list)
+    mail_reply: str = ""
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from digest import pipeline, store
 from digest.cli import main
 from digest.config import load_config
-from digest.errors import SMTPUnavailableError
+from digest.errors import SenderRejectedError, SMTPUnavailableError
 from digest.models import DeliveryStatus, IssueStatus, SubscriberStatus
 from tests.conftest import Recorder, free_port, write_config
 
@@ -221,3 +221,89 @@ def test_send_refuses_to_start_without_an_unsubscribe_secret(
     assert (
         "unsubscribe secret missing" in result.stderr and "secrets.token_urlsafe" in result.stderr
     )
+
+
+def subscribers_state(app: pipeline.App) -> list[tuple[str, str, int]]:
+    with app.sessions() as session:
+        return [(s.email, str(s.status), s.hard_bounces) for s in store.iter_subscribers(session)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "party"),
+    [
+        ("MAIL", "553 5.7.1 Sender rejected: not owned by user", "our sender"),
+        ("MAIL", "530 5.7.0 Authentication required", "our session"),
+        ("MAIL", "550 Sender address rejected", "our sender"),
+        ("RCPT", "554 5.7.1 Relay access denied", "our session"),
+        ("DATA", "554 5.7.1 Message rejected due to content policy", "the message"),
+        ("DATA", "552 5.3.4 Message size exceeds fixed limit", "the message"),
+    ],
+)
+def test_a_refusal_of_our_sender_or_message_stops_the_run_and_bounces_nobody(
+    config_path: Path,
+    app: pipeline.App,
+    smtp_server: tuple[object, Recorder],
+    stage: str,
+    reply: str,
+    party: str,
+) -> None:
+    _, server = smtp_server
+    emails = add_subscribers(app, 5)
+    if stage == "MAIL":
+        server.mail_reply = reply
+    elif stage == "RCPT":
+        server.rcpt_replies = {e: reply for e in emails}
+    else:
+        server.data_replies = [reply] * 100
+    before = subscribers_state(app)
+    for day in (25, 26, 27):  # three issues in a row: the old code bounced everyone
+        edition = date(2026, 11, day)
+        result = CliRunner().invoke(
+            main, ["--config", str(config_path), "send", "--date", str(edition)]
+        )
+        assert result.exit_code == 1
+        assert isinstance(result.exception, SystemExit)
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert f"refused {party} at {stage} ({reply})" in result.stderr
+        assert "nobody's bounce count changed" in result.stderr
+        with app.sessions() as session:
+            issue = store.issue_for_date(session, edition)
+            assert issue is not None and issue.status == IssueStatus.READY
+            counts = store.delivery_counts(session, issue.id)
+        assert counts["pending"] == 5 and counts["failed"] == 0 and counts["sent"] == 0
+    assert subscribers_state(app) == before
+    assert all(status == "active" and bounces == 0 for _, status, bounces in before)
+    with pytest.raises(SenderRejectedError) as info:
+        pipeline.send(app, D)
+    assert info.value.reply == reply
+    # The relay is fixed: everyone gets the issue, nobody was lost.
+    server.mail_reply, server.rcpt_replies, server.data_replies = "", {}, []
+    assert pipeline.send(app, D).stats.sent == 5
+    assert sorted(r for m in server.messages for r in m.rcpt_tos) == sorted(emails)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("RCPT", "550 5.1.1 No such user here"),
+        ("RCPT", "550 mailbox unavailable"),
+        ("DATA", "552 5.2.2 Mailbox full"),
+        ("DATA", "550 5.1.1 Recipient address rejected after DATA"),
+    ],
+)
+def test_a_refusal_of_the_recipient_counts_as_their_bounce(
+    app: pipeline.App, smtp_server: tuple[object, Recorder], stage: str, reply: str
+) -> None:
+    _, server = smtp_server
+    emails = add_subscribers(app, 3)
+    if stage == "RCPT":
+        server.rcpt_replies = {emails[1]: reply}
+    else:
+        server.data_replies = [reply]  # the first message only
+    report = pipeline.send(app, D)
+    assert report.stats.failed == 1 and report.stats.sent == 2
+    bounced = [(e, n) for e, _, n in subscribers_state(app) if n]
+    assert len(bounced) == 1 and bounced[0][1] == 1
+    with app.sessions() as session:
+        (row,) = store.failed_deliveries(session, None)
+    assert row[2].last_error == reply
