@@ -299,9 +299,10 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
         f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
         f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
     )
-    if s.interrupted:
+    if s.interrupted or c["pending"] + c["sending"]:
+        why = "send stopped early" if s.interrupted else "send did not finish"
         click.echo(
-            f"digest: send stopped early; {c['pending'] + c['sending']} still pending: run "
+            f"digest: {why}; {c['pending'] + c['sending']} still pending: run "
             f"`digest send --date {edition}` again to finish",
             err=True,
         )

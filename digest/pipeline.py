@@ -377,7 +377,7 @@ def send(
         with app.sessions() as session:
             report.new_deliveries = store.create_deliveries(session, issue.id)
             store.release_orphans(session, issue.id)
-            store.skip_unsubscribed(session, issue.id)
+            gone = store.skip_unsubscribed(session, issue.id)
             session.commit()
         editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
         factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
@@ -388,16 +388,23 @@ def send(
         finally:
             # Whatever happened, rows this run claimed but never tried go back to pending
             # (we still hold the lock, so no one else owns them).
-            counts = _settle(app, issue)
+            counts, gone_since = _settle(app, issue)
+        report.stats.skipped += gone + gone_since
         report.editions = editions.rendered
         report.counts = counts
         return report
 
 
-def _settle(app: App, issue: Issue) -> dict[str, int]:
-    """Release unsent claims and mark the issue sent once nothing is left open."""
+def _settle(app: App, issue: Issue) -> tuple[dict[str, int], int]:
+    """Release unsent claims and mark the issue sent once nothing is left open.
+
+    Returns the ledger counts and how many rows were skipped here: readers who left the
+    list while the run was going (a one-click unsubscribe mid-send) are never claimed,
+    and leaving their rows pending would keep the issue open and the run "unfinished".
+    """
     with app.sessions() as session:
         store.release_orphans(session, issue.id)
+        gone = store.skip_unsubscribed(session, issue.id)
         counts = store.delivery_counts(session, issue.id)
         merged = session.merge(issue)
         now = datetime.now(UTC)
@@ -408,7 +415,7 @@ def _settle(app: App, issue: Issue) -> dict[str, int]:
         elif counts["sent"] and merged.status == IssueStatus.READY:
             store.set_issue_status(session, merged, IssueStatus.SENDING, now)
         session.commit()
-        return counts
+        return counts, gone
 
 
 async def _send_async(

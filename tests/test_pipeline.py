@@ -1,0 +1,74 @@
+"""The composed jobs (``pipeline.py``): what a send run settles, what a dry run reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from digest import pipeline, store
+from digest.cli import main
+from digest.models import IssueStatus
+from digest.subscribers import unsubscribe
+from tests.conftest import Recorder
+from tests.test_send import D, add_subscribers, ledger
+
+
+class UnsubscribingRecorder(Recorder):
+    """Runs ``on_first_data`` (once) before answering the first DATA.
+
+    aiosmtpd runs its handlers on one event loop, so no DATA reply goes out before the
+    callback returns: the sender has claimed at most its queue's worth of rows by then.
+    """
+
+    def __init__(self, on_first_data: Callable[[], None]) -> None:
+        super().__init__()
+        self.on_first_data: Callable[[], None] | None = on_first_data
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.on_first_data is not None:
+            callback, self.on_first_data = self.on_first_data, None
+            callback()
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_readers_who_unsubscribe_mid_send_are_skipped_and_the_issue_is_sent(
+    config_path: Path,
+    app: pipeline.App,
+    smtp_server: tuple[Any, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    controller, _ = smtp_server
+    # Small claim batches, so the last readers are still unclaimed when the first message
+    # arrives (at most queue + workers + one chunk ahead, ~21 rows, are claimed by then).
+    monkeypatch.setattr(pipeline, "CLAIM_BATCH", 2)
+    emails = add_subscribers(app, 30)
+    leaving = emails[-5:]
+
+    def one_click_unsubscribes() -> None:
+        with app.sessions() as session:
+            for e in leaving:
+                assert unsubscribe(session, e, datetime.now(UTC))
+            session.commit()
+
+    handler = UnsubscribingRecorder(one_click_unsubscribes)
+    controller.handler = handler
+    result = CliRunner().invoke(main, ["--config", str(config_path), "send", "--date", str(D)])
+    assert handler.on_first_data is None  # the readers did leave mid-send
+    assert result.exit_code == 0, result.stderr
+    assert result.exception is None
+    received = sorted(r for m in handler.messages for r in m.rcpt_tos)
+    assert received == sorted(emails[:-5])
+    assert "this run: 25 sent, 0 failed, 0 deferred, 5 skipped" in result.stdout
+    assert "ledger: 25 sent, 0 failed, 0 deferred, 5 skipped, 0 pending" in result.stdout
+    counts = ledger(app)
+    assert counts["skipped"] == 5 and counts["pending"] == 0 and counts["sending"] == 0
+    with app.sessions() as session:
+        issue = store.issue_for_date(session, D)
+        assert issue is not None and issue.status == IssueStatus.SENT
+    status = CliRunner().invoke(main, ["--config", str(config_path), "status"])
+    assert "sent     sent 25, deferred 0, failed 0, skipped 5, pending 0" in status.stdout
