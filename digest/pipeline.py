@@ -533,7 +533,11 @@ async def _send_async(
 
 
 def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
-    """Count what ``send`` would do, rendering each edition once; nothing is written."""
+    """Count what ``send`` would send now, rendering each edition once; nothing is written.
+
+    Reads the ledger: after a complete send that is nothing, after a partial one only
+    the rows still open (see :func:`store.unsent_subscribers`).
+    """
     config = app.config
     with app.sessions() as session:
         issue, sections = issue_sections(session, config, edition_date)
@@ -546,10 +550,9 @@ def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
         )
         report = SendReport(edition_date, subject, dry_run=True)
         editions = Editions(config, renderer, IssueContext(edition_date, None), sections)
-        for sub in store.iter_subscribers(session):
-            if sub.status != "active":
-                continue
-            if editions.for_regions(sub.regions) is None:
+        now = datetime.now(UTC)
+        for regions in store.unsent_subscribers(session, issue.id if issue else None, now):
+            if editions.for_regions(regions) is None:
                 report.stats.skipped += 1
             else:
                 report.would_send += 1

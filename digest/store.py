@@ -504,6 +504,48 @@ def claim_deliveries(
     return rows
 
 
+def unsent_subscribers(
+    session: Session, issue_id: int | None, now: datetime, batch: int = 1000
+) -> Iterator[list[str] | None]:
+    """The regions of every active subscriber a ``send`` of ``issue_id`` would mail now.
+
+    That is: no delivery yet (``send`` creates it), pending, orphaned ``sending``
+    (released at start), or deferred with its retry time come; the same rule as
+    :func:`claim_deliveries`. ``issue_id`` None (not built yet): every active subscriber.
+    Keyset batches, so a dry run over a large list keeps memory flat.
+    """
+    open_row = or_(
+        Delivery.id.is_(None),
+        Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING]),
+        and_(
+            Delivery.status == DeliveryStatus.DEFERRED,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+    )
+    after = 0
+    while True:
+        stmt = (
+            select(Subscriber.id, Subscriber.regions)
+            .outerjoin(
+                Delivery,
+                and_(
+                    Delivery.subscriber_id == Subscriber.id,
+                    # -1: no issue yet, so no delivery joins and every row is open.
+                    Delivery.issue_id == (issue_id if issue_id is not None else -1),
+                ),
+            )
+            .where(Subscriber.status == SubscriberStatus.ACTIVE, Subscriber.id > after, open_row)
+            .order_by(Subscriber.id)
+            .limit(batch)
+        )
+        page = session.execute(stmt).all()
+        if not page:
+            return
+        for _, regions in page:
+            yield regions
+        after = page[-1][0]
+
+
 def skip_unsubscribed(session: Session, issue_id: int) -> int:
     """Mark not-yet-sent deliveries of people who left the list since as skipped."""
     gone = select(Subscriber.id).where(Subscriber.status != SubscriberStatus.ACTIVE)

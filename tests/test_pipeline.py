@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from digest import pipeline, store
 from digest.cli import main
+from digest.errors import SenderRejectedError
 from digest.models import IssueStatus
 from digest.subscribers import unsubscribe
 from tests.conftest import Recorder
@@ -72,3 +73,69 @@ def test_readers_who_unsubscribe_mid_send_are_skipped_and_the_issue_is_sent(
         assert issue is not None and issue.status == IssueStatus.SENT
     status = CliRunner().invoke(main, ["--config", str(config_path), "status"])
     assert "sent     sent 25, deferred 0, failed 0, skipped 5, pending 0" in status.stdout
+
+
+class RefusingAfter(Recorder):
+    """Accepts the first ``accept`` messages, then refuses every message as a whole."""
+
+    def __init__(self, accept: int) -> None:
+        super().__init__()
+        self.accept = accept
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if len(self.messages) >= self.accept:
+            return "554 5.7.1 Message refused by policy"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_dry_run_reports_what_a_send_would_send_now(
+    config_path: Path, app: pipeline.App, smtp_server: tuple[Any, Recorder]
+) -> None:
+    controller, _ = smtp_server
+    emails = add_subscribers(app, 6)
+    assert pipeline.send(app, D, dry_run=True).would_send == 6  # nothing built yet
+    refusing = RefusingAfter(accept=3)
+    controller.handler = refusing
+    with pytest.raises(SenderRejectedError):
+        pipeline.send(app, D)  # a partial send: three went out, the run stopped
+    assert len(refusing.messages) == 3 and ledger(app)["pending"] == 3
+    assert pipeline.send(app, D, dry_run=True).would_send == 3
+    # One of the pending readers leaves, a new one joins: a send would do exactly that.
+    pending = sorted(set(emails) - {r for m in refusing.messages for r in m.rcpt_tos})
+    with app.sessions() as session:
+        assert unsubscribe(session, pending[0], datetime.now(UTC))
+        session.commit()
+    add_subscribers_named(app, ["late@example.org"])
+    dry = pipeline.send(app, D, dry_run=True)
+    assert dry.would_send == 3 and dry.stats.skipped == 0
+    assert ledger(app)["pending"] == 3  # the dry run wrote nothing
+
+    controller.handler = Recorder()
+    assert pipeline.send(app, D).stats.sent == 3
+    result = CliRunner().invoke(
+        main, ["--config", str(config_path), "send", "--date", str(D), "--dry-run"]
+    )
+    assert result.exit_code == 0 and result.exception is None
+    assert "dry run: would send 0 messages" in result.stdout
+
+
+def add_subscribers_named(app: pipeline.App, emails: list[str]) -> None:
+    now = datetime.now(UTC)
+    with app.sessions() as session:
+        store.add_subscribers(
+            session,
+            [
+                {
+                    "email": e,
+                    "name": "",
+                    "regions": None,
+                    "status": "active",
+                    "source": "test",
+                    "created_at": now,
+                    "updated_at": now,
+                    "hard_bounces": 0,
+                }
+                for e in emails
+            ],
+        )
+        session.commit()
