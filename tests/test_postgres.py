@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from digest import pipeline, store
 from digest.config import load_config
@@ -26,23 +29,43 @@ from tests.test_send import D, add_subscribers
 PG = os.environ.get("DIGEST_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+@contextmanager
+def pg_schema(schema: str | None = None, **settings: str) -> Iterator[str]:
+    """A fresh schema on the test server, dropped afterwards; yields a URL that uses it.
+
+    ``settings`` become server settings of every connection of that URL (``-c key=value``
+    in libpq's ``options``). Only failing to *reach* the server skips (or fails, under
+    DIGEST_REQUIRE_POSTGRES=1); any other error is a bug in the test and is raised.
+    """
+    schema = schema or f"digest_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG, connect_args={"connect_timeout": 3})
+    try:
+        conn = admin.connect()
+    except OperationalError as exc:
+        admin.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        if os.environ.get("DIGEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL required (DIGEST_REQUIRE_POSTGRES=1), unreachable: {reason}")
+        pytest.skip(f"PostgreSQL not reachable at {PG}: {reason}")
+    try:
+        with conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            conn.commit()
+        options = " ".join(f"-c{k}={v}" for k, v in {"search_path": schema, **settings}.items())
+        try:
+            yield f"{PG}?options={quote(options, safe='')}"
+        finally:
+            with admin.begin() as c:
+                c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    schema = f"digest_test_{secrets.token_hex(4)}"
-    try:
-        admin = create_engine(PG, connect_args={"connect_timeout": 3})
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # any failure to reach the server means "not available here"
-        if os.environ.get("DIGEST_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required (DIGEST_REQUIRE_POSTGRES=1) but unreachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG}: {type(exc).__name__}")
-    try:
-        yield f"{PG}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    """A schema of its own on the shared server (see :func:`pg_schema`)."""
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture
@@ -99,3 +122,17 @@ def test_claims_are_disjoint_across_sessions(pg_app: pipeline.App) -> None:
     ids_a = {c.delivery_id for c in first}
     ids_b = {c.delivery_id for c in second}
     assert len(ids_a) == 20 and len(ids_b) == 10 and not ids_a & ids_b
+
+
+def test_a_bug_in_the_schema_fixture_fails_instead_of_skipping() -> None:
+    with pg_schema():
+        pass  # reachable (otherwise this skips, as it should)
+    try:
+        with pg_schema(schema='not"a"name'):
+            pytest.fail("the server accepted a broken CREATE SCHEMA")
+    except pytest.skip.Exception:
+        pytest.fail("a broken statement in the fixture was reported as a skip")
+    except ProgrammingError:
+        pass
+    else:
+        pytest.fail("a broken CREATE SCHEMA raised nothing")
