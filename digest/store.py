@@ -171,6 +171,11 @@ def exclusive_lock(engine: Engine, name: str) -> Iterator[None]:
         key = zlib.crc32(name.encode()) - 2**31
         with engine.connect() as conn:
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            # A session-level lock outlives the transaction that took it. Ending that
+            # transaction now matters: left open for the whole send, the connection sits
+            # "idle in transaction", and a server's idle_in_transaction_session_timeout
+            # would kill it, and the lock with it, mid-send.
+            conn.commit()
             if not got:
                 raise SendInProgress(f"another digest process holds '{name}'; try again later")
             try:

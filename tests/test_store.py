@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import threading
+import time
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert
+from sqlalchemy import create_engine, insert, text
 from sqlalchemy.exc import IntegrityError
 
-from digest import store
-from digest.errors import DatabaseError
+from digest import pipeline, store
+from digest.config import load_config
+from digest.errors import DatabaseError, SendInProgress
 from digest.models import Base, Delivery, Subscriber
+from tests.conftest import EDITION, Recorder, rss, week_items, write_config
+from tests.test_send import add_subscribers
 
 
 def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
@@ -68,3 +76,112 @@ def test_one_delivery_per_issue_and_subscriber(tmp_path: Path) -> None:
         session.rollback()
         # The same date gives back the same issue, never a second one.
         assert store.create_issue(session, date(2026, 11, 27), "other", [], now).id == issue.id
+
+
+class GatedRecorder(Recorder):
+    """Accepts ``pass_first`` messages at once, then holds every DATA reply until ``gate``."""
+
+    def __init__(self, pass_first: int) -> None:
+        super().__init__()
+        self.pass_first = pass_first
+        self.gate = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if len(self.messages) >= self.pass_first:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_postgres_send_lock_survives_idle_in_transaction_timeout(
+    tmp_path: Path, feed_file: Path
+) -> None:
+    from tests.test_faults import start, wait_for
+    from tests.test_postgres import pg_schema
+
+    # The advisory lock key is database-wide: a date of our own keeps other test runs on
+    # the shared server from holding it at the same moment.
+    edition = date(2100 + secrets.randbelow(800), 11, 27)
+    shift = datetime(edition.year, 11, 27, 12, tzinfo=UTC) - EDITION
+    items = week_items()
+    for it in items:
+        it["published"] += shift
+    feed_file.write_text(rss(items), encoding="utf-8")
+    tag = f"digest_test_{secrets.token_hex(4)}"
+    handler = GatedRecorder(pass_first=5)
+    controller = start(handler)
+    outcome: dict[str, Any] = {}
+    try:
+        # Any connection left idle in a transaction for 300 ms is killed by the server.
+        with pg_schema(idle_in_transaction_session_timeout="300", application_name=tag) as url:
+            path = write_config(tmp_path, port=controller.port)
+            path.write_text(
+                path.read_text(encoding="utf-8").replace("sqlite:///digest.db", url),
+                encoding="utf-8",
+            )
+            config = load_config(path)
+            pipeline.init_db(config)
+            app = pipeline.open_app(config)
+            assert pipeline.fetch(app).new == 10
+            emails = add_subscribers(app, 30)
+
+            def send() -> None:
+                try:
+                    outcome["report"] = pipeline.send(app, edition)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            monitor = create_engine(url)
+            try:
+
+                def sent_rows() -> int:
+                    with monitor.connect() as conn:
+                        return int(
+                            conn.execute(
+                                text("SELECT count(*) FROM deliveries WHERE status = 'sent'")
+                            ).scalar_one()
+                        )
+
+                # Five sent and committed; every worker now waits on a held DATA reply,
+                # so the sender does no database work until the gate opens.
+                wait_for(lambda: sent_rows() == 5 or not sender.is_alive())
+                assert sender.is_alive(), outcome
+                # Watch for three times the server's timeout: nothing of ours may sit
+                # idle in a transaction (the old lock connection did, and was killed).
+                deadline = time.monotonic() + 0.9
+                while time.monotonic() < deadline:
+                    with monitor.connect() as conn:
+                        idle = conn.execute(
+                            text(
+                                "SELECT pid, left(query, 60) FROM pg_stat_activity "
+                                "WHERE application_name = :tag AND state = 'idle in transaction'"
+                            ),
+                            {"tag": tag},
+                        ).all()
+                    assert idle == [], idle
+                    time.sleep(0.05)
+                assert sender.is_alive() and "error" not in outcome, outcome
+                # The lock is still held: a second sender is refused.
+                other = store.open_engine(url)
+                try:
+                    with (
+                        pytest.raises(SendInProgress),
+                        store.exclusive_lock(other, f"send:{edition.isoformat()}"),
+                    ):
+                        pass
+                finally:
+                    other.dispose()
+            finally:
+                handler.gate.set()
+                sender.join(60)
+                monitor.dispose()
+            assert not sender.is_alive()
+            assert "error" not in outcome, outcome
+            report = outcome["report"]
+            assert report.stats.sent == 30 and report.counts["sent"] == 30
+            assert sorted(r for m in handler.messages for r in m.rcpt_tos) == sorted(emails)
+            app.engine.dispose()
+    finally:
+        controller.stop()
