@@ -1,8 +1,8 @@
 """The typed configuration, loaded once at the edge.
 
 ``load_config(path)`` is the only place that reads the config file or the environment
-(``DIGEST_CONFIG``, ``password_env``, ``secret_env``); every other module receives a
-:class:`Config`. Every error names the file and the key, and says how to fix it.
+(``DIGEST_CONFIG``, ``password_env``, ``secret_env``, ``old_secrets_env``); every other
+module receives a :class:`Config`. Every error names the file and the key, and says how to fix it.
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ class Unsubscribe(_Section):
     base_url: str
     secret: str | None = None
     secret_env: str | None = None
+    # Secrets used before: links signed with them keep working (rotation).
+    old_secrets: list[str] = []
+    old_secrets_env: str | None = None
     mailto: str | None = None
 
     @field_validator("base_url")
@@ -191,6 +194,7 @@ class Config(_Section):
     path: Path | None = None
     smtp_password: str | None = None
     unsubscribe_secret: str | None = None
+    unsubscribe_old_secrets: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _subscriber_regions(self) -> Config:
@@ -263,7 +267,8 @@ def load_config(path: Path | str | None = None) -> Config:
     """Read, validate and resolve the configuration file.
 
     Relative file paths (feeds, SQLite databases, DKIM keys, templates) resolve against
-    the config file's folder; ``password_env`` and ``secret_env`` are read here.
+    the config file's folder; ``password_env``, ``secret_env`` and ``old_secrets_env``
+    are read here.
     """
     cfg_path = Path(path) if path is not None else default_config_path()
     try:
@@ -281,7 +286,7 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(f"{cfg_path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from None
-    for private in ("path", "smtp_password", "unsubscribe_secret"):
+    for private in ("path", "smtp_password", "unsubscribe_secret", "unsubscribe_old_secrets"):
         if private in data:
             raise ConfigError(f"{cfg_path}: unknown key '{private}': remove it")
     try:
@@ -321,6 +326,12 @@ def _resolve(config: Config, path: Path) -> Config:
     secret = config.unsubscribe.secret
     if config.unsubscribe.secret_env:
         secret = os.environ.get(config.unsubscribe.secret_env) or secret
+    old_secrets = list(config.unsubscribe.old_secrets)
+    if config.unsubscribe.old_secrets_env:
+        # Several old secrets in one variable: separated by commas or whitespace (neither
+        # occurs in a secret made by secrets.token_urlsafe).
+        env = os.environ.get(config.unsubscribe.old_secrets_env, "")
+        old_secrets += [s for s in re.split(r"[,\s]+", env) if s]
     return config.model_copy(
         update={
             "path": path,
@@ -330,5 +341,6 @@ def _resolve(config: Config, path: Path) -> Config:
             "dkim": dkim,
             "smtp_password": password,
             "unsubscribe_secret": secret or None,
+            "unsubscribe_old_secrets": tuple(old_secrets),
         }
     )

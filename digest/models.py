@@ -113,6 +113,9 @@ class Article(Base):
 
 class Subscriber(Base):
     __tablename__ = "subscribers"
+    # Ids are never reused, not even the highest after a delete (SQLite's AUTOINCREMENT;
+    # PostgreSQL sequences never go back): an unsubscribe link names its subscriber by id.
+    __table_args__ = ({"sqlite_autoincrement": True},)
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")

@@ -229,12 +229,12 @@ def preview(
                     f"{addr} gets no email for {edition_date}: none of their regions has articles"
                 )
             template = renderer.edition(issue_ctx, chosen)
-            signer = TokenSigner(config.unsubscribe_secret)
+            signer = TokenSigner(config.unsubscribe_secret, config.unsubscribe_old_secrets)
             fake_issue = issue or Issue(id=0, edition_date=edition_date)
             rcpt = Recipient(
                 sub.email,
                 sub.name,
-                signer.url(config.unsubscribe.base_url, sub.id),
+                signer.url(config.unsubscribe.base_url, sub.id, sub.email),
                 message_id(fake_issue, sub.id, renderer.domain),
             )
     raw = template.personalize(rcpt, dkim=load_signer(config.dkim))
@@ -369,7 +369,7 @@ def send(
     renderer = Renderer(config)
     if dry_run:
         return _dry_run(app, renderer, edition_date)
-    signer = TokenSigner(config.unsubscribe_secret)
+    signer = TokenSigner(config.unsubscribe_secret, config.unsubscribe_old_secrets)
     dkim = load_signer(config.dkim)
     with store.exclusive_lock(app.engine, f"send:{edition_date.isoformat()}"):
         issue, sections = build_issue(app, renderer, edition_date)
@@ -484,7 +484,7 @@ async def _send_async(
                         )
                         continue
                     mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
-                    url = signer.url(config.unsubscribe.base_url, c.subscriber_id)
+                    url = signer.url(config.unsubscribe.base_url, c.subscriber_id, c.email)
                     jobs.append((c, template, Recipient(c.email, c.name, url, mid)))
                 for i in range(0, len(jobs), PERSONALIZE_CHUNK):
                     yield jobs[i : i + PERSONALIZE_CHUNK]

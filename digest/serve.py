@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from digest import store
 from digest.config import Config
 from digest.errors import TokenError
 from digest.subscribers import unsubscribe
@@ -55,7 +56,7 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 
 def create_app(config: Config, sessions: sessionmaker[Session]) -> Starlette:
     """The ASGI app; ``uvicorn`` serves it, tests drive it with Starlette's TestClient."""
-    signer = TokenSigner(config.unsubscribe_secret)
+    signer = TokenSigner(config.unsubscribe_secret, config.unsubscribe_old_secrets)
     title = html.escape(config.newsletter.title)
     publication = html.escape(config.publication.name)
 
@@ -67,10 +68,22 @@ def create_app(config: Config, sessions: sessionmaker[Session]) -> Starlette:
             status=400,
         )
 
-    def confirm(request: Request) -> Response:
+    def subscriber_id(request: Request) -> int | None:
+        """The id the token names, if it verifies and still names that address.
+
+        A token made for an address the id no longer has (the subscriber was deleted and
+        the id reused, or the address changed) acts on nobody.
+        """
         try:
-            signer.verify(request.path_params["token"])
+            claim = signer.verify(request.path_params["token"])
         except TokenError:
+            return None
+        with sessions() as session:
+            sub = store.subscriber_by_id(session, claim.subscriber_id)
+            return sub.id if sub is not None and claim.matches(sub.email) else None
+
+    def confirm(request: Request) -> Response:
+        if subscriber_id(request) is None:
             return bad_token()
         action = html.escape(request.url.path, quote=True)
         return _page(
@@ -82,12 +95,11 @@ def create_app(config: Config, sessions: sessionmaker[Session]) -> Starlette:
         )
 
     def do_unsubscribe(request: Request) -> Response:
-        try:
-            subscriber_id = signer.verify(request.path_params["token"])
-        except TokenError:
+        who = subscriber_id(request)
+        if who is None:
             return bad_token()
         with sessions() as session:
-            unsubscribe(session, subscriber_id, datetime.now(UTC))
+            unsubscribe(session, who, datetime.now(UTC))
             session.commit()
         return _page(
             "You are unsubscribed",

@@ -1,19 +1,36 @@
-"""Signed, opaque unsubscribe tokens.
+"""Signed, opaque, rotatable tokens for the links in a message (unsubscribe, preferences).
 
-A token is the subscriber id signed with HMAC-SHA256 (itsdangerous); it does not expire,
-because CAN-SPAM wants an opt-out that keeps working and a reader may click an old issue.
-A tampered token, or one signed with another secret, does not verify.
+A token names one subscriber: their id *and* a short hash of their address, encrypted and
+authenticated (Fernet: AES-128-CBC + HMAC-SHA256, from ``cryptography``), so the link
+shows neither the id nor the address, a tampered token does not verify, and a token only
+acts on the person it was made for (:meth:`TokenClaim.matches`). Tokens do not expire:
+CAN-SPAM wants an opt-out that keeps working, and a reader may click an old issue.
+
+Keys: each ``purpose`` derives its own key from the secret, so a token made for one
+purpose never verifies as another. Rotation: new tokens are made with ``secret``;
+``old_secrets`` still verify, so links in mail already sent keep working after a change.
+
+Tokens made before address binding (itsdangerous over the bare id, salt
+``digest.unsubscribe.v1``) still verify for the unsubscribe purpose; their claim matches
+any address. That is safe because subscriber ids are never reused (AUTOINCREMENT on
+SQLite, sequences on PostgreSQL): such an id names the person it was sent to, or nobody.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import itsdangerous
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from digest.errors import ConfigError, TokenError
 
-_SALT = "digest.unsubscribe.v1"
+_LEGACY_SALT = "digest.unsubscribe.v1"
+_ADDRESS_HASH_BYTES = 8
 
 SECRET_HINT = (
     "set [unsubscribe] secret (or secret_env) to a long random string, made with: "
@@ -21,38 +38,97 @@ SECRET_HINT = (
 )
 
 
-class TokenSigner:
-    """Makes and checks unsubscribe tokens for one secret."""
+def address_hash(email: str) -> bytes:
+    """A short hash of a normalized address (stored addresses are already normalized)."""
+    return hashlib.sha256(email.strip().lower().encode()).digest()[:_ADDRESS_HASH_BYTES]
 
-    def __init__(self, secret: str | None) -> None:
-        if not secret or len(secret) < 16:
-            raise ConfigError(
-                f"unsubscribe secret missing or shorter than 16 characters: {SECRET_HINT}"
-            )
-        # itsdangerous derives the HMAC key from secret and salt on every call; derive it
-        # once (a token is made per message sent) and sign with it directly. The tokens
-        # are byte-for-byte those of the plain serializer.
-        key = itsdangerous.Signer(secret, salt=_SALT, digest_method=hashlib.sha256).derive_key()
-        self._s = itsdangerous.URLSafeSerializer(
-            key,
-            salt=_SALT,
-            signer_kwargs={"digest_method": hashlib.sha256, "key_derivation": "none"},
+
+@dataclass(frozen=True)
+class TokenClaim:
+    """What a verified token says: a subscriber id and (except old tokens) their address."""
+
+    subscriber_id: int
+    address_hash: bytes | None = None  # None: a token from before address binding
+
+    def matches(self, email: str) -> bool:
+        """True when the token was made for ``email`` (old tokens: for any address)."""
+        if self.address_hash is None:
+            return True
+        return hmac.compare_digest(self.address_hash, address_hash(email))
+
+
+def _check(secret: str | None, key: str) -> str:
+    if not secret or len(secret) < 16:
+        raise ConfigError(f"{key} missing or shorter than 16 characters: {SECRET_HINT}")
+    return secret
+
+
+class TokenSigner:
+    """Makes tokens with ``secret`` and verifies those of ``secret`` or any ``old_secrets``."""
+
+    def __init__(
+        self,
+        secret: str | None,
+        old_secrets: Sequence[str] = (),
+        purpose: str = "unsubscribe",
+    ) -> None:
+        secrets = [_check(secret, "unsubscribe secret")]
+        secrets += [_check(s, "unsubscribe.old_secrets entry") for s in old_secrets]
+        self.purpose = purpose
+        # One Fernet key per (secret, purpose): the purpose is part of the derivation, so
+        # an unsubscribe token is no preference token. Derived once; a token is made per
+        # message sent.
+        self._fernet = MultiFernet([Fernet(self._derive(s, purpose)) for s in secrets])
+        # The tokens of before, for links already in readers' mailboxes.
+        self._legacy = (
+            [
+                itsdangerous.URLSafeSerializer(
+                    s, salt=_LEGACY_SALT, signer_kwargs={"digest_method": hashlib.sha256}
+                )
+                for s in secrets
+            ]
+            if purpose == "unsubscribe"
+            else []
         )
 
-    def token(self, subscriber_id: int) -> str:
-        """The token for one subscriber."""
-        return str(self._s.dumps(subscriber_id))
+    @staticmethod
+    def _derive(secret: str, purpose: str) -> bytes:
+        key = hmac.new(secret.encode(), f"digest.{purpose}.v2".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(key.digest())
 
-    def verify(self, token: str) -> int:
-        """The subscriber id a token was made for; :class:`TokenError` when it does not verify."""
+    def token(self, subscriber_id: int, email: str) -> str:
+        """The token for one subscriber at one address (URL-safe, no padding)."""
+        if subscriber_id < 0:
+            raise ValueError("subscriber ids are not negative")
+        size = max(1, (subscriber_id.bit_length() + 7) // 8)
+        payload = address_hash(email) + subscriber_id.to_bytes(size, "big")
+        return self._fernet.encrypt(payload).decode("ascii").rstrip("=")
+
+    def verify(self, token: str) -> TokenClaim:
+        """What ``token`` claims; :class:`TokenError` when it does not verify."""
+        if "." in token:  # itsdangerous' "payload.signature": a token from before
+            return self._verify_legacy(token)
         try:
-            value = self._s.loads(token)
-        except itsdangerous.BadData:
-            raise TokenError("invalid unsubscribe token") from None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TokenError("invalid unsubscribe token")
-        return value
+            raw = token.encode("ascii")
+            payload = self._fernet.decrypt(raw + b"=" * (-len(raw) % 4))
+        except (InvalidToken, UnicodeEncodeError, ValueError):
+            raise TokenError("invalid token") from None
+        if len(payload) <= _ADDRESS_HASH_BYTES:
+            raise TokenError("invalid token")
+        return TokenClaim(
+            int.from_bytes(payload[_ADDRESS_HASH_BYTES:], "big"), payload[:_ADDRESS_HASH_BYTES]
+        )
 
-    def url(self, base_url: str, subscriber_id: int) -> str:
+    def _verify_legacy(self, token: str) -> TokenClaim:
+        for serializer in self._legacy:
+            try:
+                value = serializer.loads(token)
+            except itsdangerous.BadData:
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return TokenClaim(value)
+        raise TokenError("invalid token")
+
+    def url(self, base_url: str, subscriber_id: int, email: str) -> str:
         """The one-click unsubscribe URL served by ``digest serve``."""
-        return f"{base_url}/unsubscribe/{self.token(subscriber_id)}"
+        return f"{base_url}/{self.purpose}/{self.token(subscriber_id, email)}"

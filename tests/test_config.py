@@ -111,3 +111,30 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_crontab_weekdays_mean_what_crontab_means(crontab: str, expected: str) -> None:
     # APScheduler 3 counts weekdays from Monday = 0; crontab from Sunday = 0.
     assert crontab_for_apscheduler(crontab) == expected
+
+
+def test_old_unsubscribe_secrets_from_the_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = edit(
+        tmp_path,
+        'secret = "dev-only-change-me-0123456789abcdef"',
+        'secret = "new-secret-0123456789abcdef"\n'
+        'old_secrets = ["file-old-secret-0123456789"]\n'
+        'old_secrets_env = "TEST_DIGEST_OLD_SECRETS"',
+    )
+    monkeypatch.setenv(
+        "TEST_DIGEST_OLD_SECRETS", "env-old-one-0123456789, env-old-two-0123456789\n"
+    )
+    config = load_config(path)
+    assert config.unsubscribe_secret == "new-secret-0123456789abcdef"
+    assert config.unsubscribe_old_secrets == (
+        "file-old-secret-0123456789",
+        "env-old-one-0123456789",
+        "env-old-two-0123456789",
+    )
+    monkeypatch.delenv("TEST_DIGEST_OLD_SECRETS")
+    assert load_config(path).unsubscribe_old_secrets == ("file-old-secret-0123456789",)
+    bad = edit(tmp_path, "[publication]", 'unsubscribe_old_secrets = ["x"]\n[publication]')
+    with pytest.raises(ConfigError, match="unknown key 'unsubscribe_old_secrets'"):
+        load_config(bad)

@@ -73,7 +73,9 @@ def test_round_up_end_to_end(
         # Their own unsubscribe link, in the header and both parts, verifying to their id.
         url = msg["List-Unsubscribe"].strip("<>")
         assert url in text and url in html
-        ids[rcpt] = signer.verify(url.rsplit("/", 1)[1])
+        claim = signer.verify(url.rsplit("/", 1)[1])
+        assert claim.matches(rcpt) and not claim.matches("someone.else@example.org")
+        ids[rcpt] = claim.subscriber_id
         assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert msg["Message-ID"].startswith("<20261127.")
     assert len(set(ids.values())) == 3

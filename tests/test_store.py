@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, delete, insert, text
 from sqlalchemy.exc import IntegrityError
 
 from digest import pipeline, store
@@ -185,3 +185,52 @@ def test_postgres_send_lock_survives_idle_in_transaction_timeout(
             app.engine.dispose()
     finally:
         controller.stop()
+
+
+def subscriber_row(email: str, now: datetime) -> dict[str, Any]:
+    return {
+        "email": email,
+        "name": "",
+        "regions": None,
+        "status": "active",
+        "source": "t",
+        "created_at": now,
+        "updated_at": now,
+        "hard_bounces": 0,
+    }
+
+
+def test_upgrading_keeps_every_row_and_ids_are_never_reused(tmp_path: Path) -> None:
+    """An unsubscribe link names its subscriber by id: a deleted id must never come back."""
+    from alembic import command
+
+    engine = store.open_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    command.upgrade(store._alembic_config(engine), "0002")  # a database of before
+    sessions = store.session_factory(engine)
+    now = datetime.now(UTC)
+    with sessions() as session:
+        issue = store.create_issue(session, date(2026, 11, 27), "s", [], now)
+        session.execute(
+            insert(Subscriber), [subscriber_row(f"r{i}@example.org", now) for i in range(3)]
+        )
+        assert store.create_deliveries(session, issue.id) == 3
+        session.commit()
+    assert store.migrate(engine) == store.head_revision()
+    with sessions() as session:
+        assert [s.email for s in store.iter_subscribers(session)] == [
+            f"r{i}@example.org" for i in range(3)
+        ]
+        assert store.delivery_counts(session, issue.id)["pending"] == 3
+        last = store.subscriber_by_email(session, "r2@example.org")
+        assert last is not None
+        session.execute(delete(Delivery).where(Delivery.subscriber_id == last.id))
+        session.execute(delete(Subscriber).where(Subscriber.id == last.id))
+        session.commit()
+        session.execute(insert(Subscriber), [subscriber_row("new@example.org", now)])
+        session.commit()
+        newcomer = store.subscriber_by_email(session, "new@example.org")
+        assert newcomer is not None and newcomer.id > last.id
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+    engine.dispose()
