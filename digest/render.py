@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import html as html_lib
+import itertools
 import logging
 import re
 import secrets
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from email import policy
+from email.charset import Charset
 from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +68,68 @@ def _autoescape(name: str | None) -> bool:
 def one_line(value: str) -> str:
     """Collapse control characters and line breaks: nothing may split a header or a line."""
     return " ".join(_CONTROL.sub(" ", value).split())
+
+
+# RFC 5322 2.1.1: lines SHOULD stay within 78 characters (folded where they can be) and
+# MUST stay within 998.
+MAX_LINE = 78
+_ENCODED_WORD_MAX = 75  # RFC 2047 2
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
+_UTF8 = Charset("utf-8")
+
+
+def _phrase_tokens(name: str, longest: int) -> list[str]:
+    """A display name as RFC 5322 phrase tokens, each at most ``longest`` characters (or
+    one plain word, which is shorter still), to be joined by folding white space.
+
+    Plain ASCII words stay readable (quoted when they hold specials). A run of words that
+    must be encoded (non-ASCII, or containing ``=?``, which a client would otherwise
+    decode as an encoded-word) becomes RFC 2047 encoded-words with the spaces inside them:
+    white space *between* two encoded-words is dropped by a decoder, so a split falls
+    within a run only when one encoded-word cannot hold it.
+    """
+    tokens: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            text = " ".join(run)
+            words = _UTF8.header_encode_lines(text, itertools.repeat(longest))
+            tokens.extend(w for w in words if w)  # None only for charsets without encoding
+            run.clear()
+
+    for word in name.split(" "):
+        if not word.isascii() or "=?" in word or len(word) > longest // 2:
+            run.append(word)
+            continue
+        flush()
+        if _SPECIALS.search(word):
+            word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        tokens.append(word)
+    flush()
+    return tokens
+
+
+def address_field(header: str, name: str, email: str) -> str:
+    """The value of an address header for ``name <email>``, folded (CRLF + space) so each
+    line stays within 78 octets wherever there is white space to fold at.
+
+    The common case (a short ASCII name) costs a few string checks; only long or encoded
+    names are built token by token.
+    """
+    if not name:
+        return email
+    if len(header) + len(name) + len(email) + 5 <= MAX_LINE and name.isascii() and "=?" not in name:
+        return formataddr((name, email))
+    # Any token fits on the first line after "To: ", so no line needs to stay long.
+    longest = min(_ENCODED_WORD_MAX, MAX_LINE - len(header) - 2)
+    lines = [f"{header}:"]
+    for token in [*_phrase_tokens(name, longest), f"<{email}>"]:
+        if len(lines[-1]) + 1 + len(token) <= MAX_LINE or lines[-1] == f"{header}:":
+            lines[-1] += " " + token
+        else:
+            lines.append(" " + token)
+    return "\r\n".join(lines)[len(header) + 2 :]
 
 
 @dataclass(frozen=True)
@@ -167,15 +231,19 @@ class MessageTemplate:
         # Cleaned once: the same values go into headers and both body parts.
         name = one_line(rcpt.name)
         url = one_line(rcpt.unsubscribe_url)
-        to = formataddr((name, rcpt.email), charset="utf-8") if name else rcpt.email
-        lu = f"<{url}>{self._lu_extra}"
+        to = address_field("To", name, rcpt.email)
+        lu = f"<{url}>"
+        if self._lu_extra:
+            # Fold before the mailto: form when the field would pass 78 octets.
+            fits = len("List-Unsubscribe: ") + len(lu) + 2 + len(self._lu_extra) <= MAX_LINE
+            lu += (", " if fits else ",\r\n ") + self._lu_extra
         head = b"".join(
             [
                 self._headers,
                 b"Date: ",
                 (date_header or format_datetime(datetime.now(UTC), usegmt=True)).encode(),
                 b"\r\nTo: ",
-                to.replace("\n", "\r\n").encode(),
+                to.encode(),
                 b"\r\nMessage-ID: ",
                 rcpt.message_id.encode(),
                 b"\r\nList-Unsubscribe: ",
@@ -344,7 +412,7 @@ class Renderer:
 
     def _mailto(self) -> str:
         mailto = self.config.unsubscribe.mailto
-        return f", <mailto:{one_line(mailto)}?subject=unsubscribe>" if mailto else ""
+        return f"<mailto:{one_line(mailto)}?subject=unsubscribe>" if mailto else ""
 
     def _common_headers(self, subject: str, boundary: str) -> bytes:
         smtp = policy.SMTP

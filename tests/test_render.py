@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from digest.config import Config
-from digest.render import IssueContext, Recipient, Renderer
+from digest.render import IssueContext, Recipient, Renderer, one_line
 from digest.select import Section
 
 
@@ -240,9 +241,9 @@ def test_mailto_unsubscribe_and_reply_to_when_configured(config: Config) -> None
             ),
         }
     )
-    msg = parse(
-        Renderer(cfg).edition(IssueContext(date(2026, 11, 27), 1), sections()).personalize(rcpt())
-    )
+    raw = Renderer(cfg).edition(IssueContext(date(2026, 11, 27), 1), sections()).personalize(rcpt())
+    assert_line_limits(raw)  # List-Unsubscribe folds before its mailto: form
+    msg = parse(raw)
     assert msg["List-Unsubscribe"] == (
         "<https://u.example/unsubscribe/T0K>, <mailto:leave@news.example.org?subject=unsubscribe>"
     )
@@ -255,3 +256,92 @@ def test_mailto_unsubscribe_and_reply_to_when_configured(config: Config) -> None
         assert "1 Test Street, Testville" in body
         assert "You are receiving this because you subscribed to The Weekly Round-up" in body
         assert "https://u.example/unsubscribe/T0K" in body
+
+
+def header_lines(raw: bytes) -> list[bytes]:
+    return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def could_fold(line: bytes) -> bool:
+    """Whether a header line holds white space it could have been folded at."""
+    body = line.lstrip(b" \t") if line[:1] in b" \t" else line.split(b":", 1)[1].lstrip(b" ")
+    return b" " in body or b"\t" in body
+
+
+def assert_line_limits(raw: bytes) -> None:
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    for line in header_lines(raw):
+        assert len(line) <= 78 or not could_fold(line), line
+
+
+def decoded_display_name(raw: bytes) -> str:
+    """The To: display name as an RFC 2047 decoder reads it (adjacent encoded-words joined,
+    as mail clients do; Python's address parser keeps the space between them)."""
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    value = re.search(r"^To: (.*?)\r\n(?! )", head, re.M | re.S).group(1)
+    phrase = re.sub(r"\r\n ", " ", value).rsplit(" <", 1)[0]
+    return str(make_header(decode_header(phrase)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "𝔘" * 200,  # 800 octets of 4-byte characters: one unfolded line was 1,100
+        "🦊 Renard " * 20,
+        "Ünïcödé " * 25,
+        "Ada Lovelace and Charles Babbage of the Analytical Engine Society " * 3,
+        "A" * 200,
+        "Tour d’horizon — 東京 の ニュース " * 8,
+    ],
+)
+def test_long_names_are_folded_and_every_header_line_fits(renderer: Renderer, name: str) -> None:
+    raw = renderer.edition(IssueContext(date(2026, 11, 27), 1), sections()).personalize(
+        rcpt(name=name, email="long.name@example.org")
+    )
+    assert_line_limits(raw)
+    name = " ".join(name.split())
+    assert decoded_display_name(raw) == name
+    msg = parse(raw)
+    assert [a.addr_spec for a in msg["To"].addresses] == ["long.name@example.org"]
+    # The body greets them by the full name too.
+    assert f"Hello {name}," in msg.get_body(("plain",)).get_content()
+
+
+@pytest.mark.parametrize(
+    "name", ["=?utf-8?q?Admin?=", "Re =?UTF-8?B?SGk=?= there", "x=?y", "Émile Zola"]
+)
+def test_a_name_that_looks_encoded_is_encoded_and_round_trips(
+    renderer: Renderer, name: str
+) -> None:
+    raw = renderer.edition(IssueContext(date(2026, 11, 27), 1), sections()).personalize(
+        rcpt(name=name)
+    )
+    to = parse(raw)["To"]
+    assert to.addresses[0].display_name == name  # Python's own address parser
+    assert to.addresses[0].addr_spec == "r@example.org"
+    assert decoded_display_name(raw) == name
+    if "=?" in name:  # never in the header as written: a client would decode it
+        assert name.encode() not in raw.split(b"\r\n\r\n", 1)[0]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.text(
+        alphabet=st.sampled_from(list("ab Z=?é𝔘🦊東 ")) | st.characters(codec="utf-8"),
+        max_size=200,
+    )
+)
+def test_any_name_keeps_headers_within_limits_and_decodes_back(
+    renderer: Renderer, name: str
+) -> None:
+    template = renderer.edition(IssueContext(date(2026, 11, 27), 1), sections())
+    raw = template.personalize(rcpt(name=name))
+    assert_line_limits(raw)
+    msg = parse(raw)
+    assert len(msg.get_all("To")) == 1
+    assert [a.addr_spec for a in msg["To"].addresses] == ["r@example.org"]
+    cleaned = one_line(name)
+    if cleaned and not re.search(r'[()<>\[\]:;@\\,."]', cleaned):
+        assert decoded_display_name(raw) == cleaned
