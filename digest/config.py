@@ -151,6 +151,10 @@ class Unsubscribe(_Section):
     def _http(cls, value: str) -> str:
         if not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"{value!r} must be an http(s) URL where `digest serve` is reachable")
+        if len(value) > 500:
+            # The link (plus a ~100-character token) goes on a List-Unsubscribe header
+            # line, which must stay within 998 octets.
+            raise ValueError("must be at most 500 characters (it is part of a mail header line)")
         return value.rstrip("/")
 
 

@@ -57,6 +57,11 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
         ),
         ("[publication]", "[publication]\nname2 = 1", "unknown key 'publication.name2'"),
         (
+            'base_url = "http://127.0.0.1:8080"',
+            'base_url = "https://n.example/' + "u" * 500 + '"',
+            "key 'unsubscribe.base_url': must be at most 500 characters",
+        ),
+        (
             'sender = "The Foreign Desk <roundup@foreign-desk.example.org>"',
             'sender = "nobody"',
             "newsletter.sender",
