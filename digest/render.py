@@ -296,7 +296,9 @@ class Renderer:
             self._html = self.env.get_template(HTML_TEMPLATE)
             self._text = self.env.get_template(TEXT_TEMPLATE)
             self._subject = (
-                self.env.from_string(config.newsletter.subject)
+                # A subject is text, not HTML: "Rock & Roll's" must not become
+                # "Rock &amp; Roll&#39;s" (a string template would be autoescaped).
+                self.env.overlay(autoescape=False).from_string(config.newsletter.subject)
                 if config.newsletter.subject
                 else self.env.get_template(SUBJECT_TEMPLATE)
             )

@@ -345,3 +345,19 @@ def test_any_name_keeps_headers_within_limits_and_decodes_back(
     cleaned = one_line(name)
     if cleaned and not re.search(r'[()<>\[\]:;@\\,."]', cleaned):
         assert decoded_display_name(raw) == cleaned
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_the_subject_is_text_not_html(config: Config, custom: bool) -> None:
+    title = 'Rock & Roll\'s <Big> "Night" 🦊'
+    newsletter = config.newsletter.model_copy(
+        update={"subject": "{{ newsletter.title }}: {{ lead.title }}" if custom else None}
+    )
+    renderer = Renderer(config.model_copy(update={"newsletter": newsletter}))
+    secs = [Section("Europe", [Art(1, title, "https://n.example/a")])]
+    template = renderer.edition(IssueContext(date(2026, 11, 27), 1), secs)
+    assert title in template.subject and "&amp;" not in template.subject
+    msg = parse(template.personalize(rcpt()))
+    assert title in msg["Subject"]
+    # The HTML body still escapes the same title.
+    assert "Rock &amp; Roll" in msg.get_body(("html",)).get_content()
