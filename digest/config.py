@@ -98,6 +98,11 @@ class SMTP(_Section):
     retry_base_seconds: float = Field(default=2.0, ge=0)
 
 
+class Outbox(_Section):
+    # A Maildir folder (relative paths: beside the config file) instead of an SMTP relay.
+    path: Path
+
+
 class Schedule(_Section):
     send_cron: str = "0 9 * * fri"
     timezone: str = "UTC"
@@ -186,6 +191,7 @@ class Config(_Section):
     feeds: list[Feed] = []
     subscribers: list[SubscriberEntry] = []
     dkim: DKIM | None = None
+    outbox: Outbox | None = None
     # Set by load_config, not by the file: where relative paths were resolved and secrets
     # read from the environment at load time.
     path: Path | None = None
@@ -202,6 +208,17 @@ class Config(_Section):
                         f"subscribers[{i}].regions: {region!r} is not in newsletter.regions "
                         f"({', '.join(self.newsletter.regions)})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Config:
+        # model_fields_set holds the sections the file gave, not the defaulted ones: an
+        # [outbox] with the built-in SMTP defaults is fine, with an [smtp] table it is not.
+        if self.outbox is not None and "smtp" in self.model_fields_set:
+            raise ValueError(
+                "both [smtp] and [outbox] are set: keep [outbox] to write messages into a "
+                "folder, or [smtp] to send them through a mail server, and remove the other"
+            )
         return self
 
     @property
@@ -315,6 +332,10 @@ def _resolve(config: Config, path: Path) -> Config:
     if dkim is not None:
         dkim = dkim.model_copy(update={"private_key_path": rel(dkim.private_key_path)})
 
+    outbox = config.outbox
+    if outbox is not None:
+        outbox = outbox.model_copy(update={"path": rel(outbox.path)})
+
     password = None
     if config.smtp.password_env:
         password = os.environ.get(config.smtp.password_env)
@@ -328,6 +349,7 @@ def _resolve(config: Config, path: Path) -> Config:
             "database": Database(url=db_url),
             "newsletter": newsletter,
             "dkim": dkim,
+            "outbox": outbox,
             "smtp_password": password,
             "unsubscribe_secret": secret or None,
         }

@@ -34,8 +34,8 @@ from digest.send import (
     RetryPolicy,
     SendEngine,
     SendStats,
-    SMTPTransport,
-    Transport,
+    TransportFactory,
+    transport_factory,
 )
 from digest.store import Claimed
 from digest.tokens import TokenSigner
@@ -346,9 +346,6 @@ class SendReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-TransportFactory = Callable[[], Transport]
-
-
 def send(
     app: App,
     edition_date: date,
@@ -380,7 +377,7 @@ def send(
             gone = store.skip_unsubscribed(session, issue.id)
             session.commit()
         editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
-        factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
+        factory = transports or transport_factory(config)
         try:
             report.stats = asyncio.run(
                 _send_async(app, issue, editions, signer, dkim, renderer, factory, progress, stop)

@@ -31,6 +31,7 @@ from typing import Protocol
 import aiosmtplib
 
 from digest.config import SMTP as SMTPConfig
+from digest.config import Config
 from digest.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
@@ -198,6 +199,34 @@ def _refused_party(stage: str, code: int, message: str) -> str:
     if stage == "DATA" and subject in (1, 2):
         return "recipient"
     return "the message"
+
+
+TransportFactory = Callable[[], Transport]
+
+
+def transport_factory(config: Config) -> TransportFactory:
+    """What delivers mail for this config: the ``[outbox]`` Maildir, else the ``[smtp]`` relay.
+
+    Every sender of mail (the weekly send, and any one-off message such as a signup
+    confirmation or an editor's test copy) goes through this, so ``[outbox]`` catches them
+    all. Call the factory once per connection; a transport sends many messages::
+
+        transport = transport_factory(config)()
+        try:
+            await transport.send(envelope_from, "reader@example.org", message_bytes)
+        finally:
+            await transport.close()
+
+    ``send`` raises :class:`~digest.errors.DeliveryError` subclasses (see
+    :mod:`digest.errors`) and returns the server's reply (or where the file went).
+    """
+    if config.outbox is not None:
+        from digest.outbox import MaildirTransport
+
+        path = config.outbox.path
+        return lambda: MaildirTransport(path)
+    smtp, password = config.smtp, config.smtp_password
+    return lambda: SMTPTransport(smtp, password)
 
 
 def _reason(exc: BaseException) -> str:

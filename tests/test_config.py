@@ -22,6 +22,7 @@ def test_example_config_loads_and_resolves_paths() -> None:
     assert config.feeds[0].url == str(ROOT / "examples" / "sample-feed.xml")
     assert config.database.url == f"sqlite:///{ROOT / 'digest.db'}"
     assert config.schedule.misfire_grace_hours == 12
+    assert config.outbox is not None and config.outbox.path == ROOT / "outbox"
     assert config.unsubscribe_secret
 
 
@@ -36,7 +37,11 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("concurrency = 4", "concurency = 4", "unknown key 'smtp.concurency'"),
+        (
+            '[outbox]\npath = "outbox"',
+            "[smtp]\nconcurency = 4",
+            "unknown key 'smtp.concurency'",
+        ),
         ("lookback_days = 7", 'lookback_days = "seven"', "key 'newsletter.lookback_days'"),
         ('send_cron = "0 9 * * fri"', 'send_cron = "0 25 * * fri"', "key 'schedule.send_cron'"),
         (
@@ -49,7 +54,7 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
             'regions = ["Europa"]',
             "'Europa' is not in newsletter.regions",
         ),
-        ('security = "none"', 'security = "ssl"', "key 'smtp.security'"),
+        ('[outbox]\npath = "outbox"', '[smtp]\nsecurity = "ssl"', "key 'smtp.security'"),
         (
             'base_url = "http://127.0.0.1:8080"',
             'base_url = "127.0.0.1"',
