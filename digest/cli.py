@@ -11,7 +11,7 @@ import sys
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +20,10 @@ from digest import pipeline
 from digest.config import Config, default_config_path, load_config
 from digest.errors import DigestError
 from digest.send import SendStats
+
+if TYPE_CHECKING:
+    from digest.ingest import FeedReport, FetchReport
+    from digest.subscribers import ImportReport
 
 
 class DigestGroup(click.Group):
@@ -91,6 +95,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       digest preview --out issue.html  # look before you send
       digest send                      # send today's round-up (safe to re-run)
       digest run                       # or let the scheduler do all of it
+      digest run --once                # or all of it now, once (from cron)
     """
     ctx.obj = Obj(config_path)
 
@@ -121,23 +126,26 @@ def fetch(obj: Obj) -> None:
 
     Example: digest fetch
     """
-    from digest.ingest import FeedReport
+    report = pipeline.fetch(obj.app(), progress=_feed_problems)
+    _print_fetch(report)
+    if not report.ok:
+        sys.exit(1)
 
-    def progress(r: FeedReport) -> None:
-        if r.error:
-            click.echo(f"digest: feed {r.feed}: {r.error}", err=True)
-        for rej in r.rejected:
-            click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
 
-    report = pipeline.fetch(obj.app(), progress=progress)
+def _feed_problems(r: FeedReport) -> None:
+    if r.error:
+        click.echo(f"digest: feed {r.feed}: {r.error}", err=True)
+    for rej in r.rejected:
+        click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
+
+
+def _print_fetch(report: FetchReport, total: str = "total") -> None:
     for r in report.feeds:
         state = "error" if r.error else ("not modified" if r.not_modified else "ok")
         click.echo(
             f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected"
         )
-    click.echo(f"total: {report.new} new, {report.updated} updated, {report.rejected} rejected")
-    if not report.ok:
-        sys.exit(1)
+    click.echo(f"{total}: {report.new} new, {report.updated} updated, {report.rejected} rejected")
 
 
 @main.group()
@@ -164,16 +172,18 @@ def subscribers_import(obj: Obj, path: Path | None) -> None:
     source = path if path is not None else config.path
     assert source is not None
     report = import_path(app.sessions, source, config.newsletter.regions, datetime.now(UTC))
-    for row in report.rejected:
-        click.echo(
-            f"digest: {source.name}: {row.line}: rejected {row.value}: {row.reason}", err=True
-        )
-    click.echo(
-        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-        f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
-    )
+    _print_import(report, source.name)
     if report.rejected:
         sys.exit(1)
+
+
+def _print_import(report: ImportReport, source: str, prefix: str = "") -> None:
+    for row in report.rejected:
+        click.echo(f"digest: {source}: {row.line}: rejected {row.value}: {row.reason}", err=True)
+    click.echo(
+        f"{prefix}{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
+    )
 
 
 @subscribers.command("list")
@@ -283,13 +293,20 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
             )
 
     report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
-    click.echo(f"round-up {report.edition_date}: {report.subject}")
     if report.dry_run:
+        click.echo(f"round-up {report.edition_date}: {report.subject}")
         click.echo(
             f"dry run: would send {report.would_send} messages in {report.editions} editions, "
             f"skip {report.stats.skipped} (empty edition); nothing sent"
         )
         return
+    sys.exit(_print_send(report, config))
+
+
+def _print_send(report: pipeline.SendReport, config: Config) -> int:
+    """Print what a send did; return its exit code."""
+    edition = report.edition_date
+    click.echo(f"round-up {edition}: {report.subject}")
     s, c = report.stats, report.counts
     click.echo(
         f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
@@ -299,6 +316,8 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
         f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
         f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
     )
+    if config.outbox is not None and s.sent:
+        click.echo(f"written to the outbox {config.outbox.path / 'new'} (Maildir)")
     if s.interrupted or c["pending"] + c["sending"]:
         why = "send stopped early" if s.interrupted else "send did not finish"
         click.echo(
@@ -306,7 +325,7 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
             f"`digest send --date {edition}` again to finish",
             err=True,
         )
-        sys.exit(1)
+        return 1
     if c["deferred"]:
         click.echo(
             f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
@@ -319,7 +338,8 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
             f"`digest deliveries --failed --date {edition}`",
             err=True,
         )
-        sys.exit(1)
+        return 1
+    return 0
 
 
 @main.command()
@@ -461,19 +481,55 @@ def bounces_import(obj: Obj, path: Path) -> None:
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="Do the weekly job now and exit (for cron).")
+@click.option(
+    "--date", "date_str", metavar="YYYY-MM-DD", help="With --once: the edition (default: today)."
+)
 @pass_obj
-def run(obj: Obj) -> None:
+def run(obj: Obj, once: bool, date_str: str | None) -> None:
     """Run the scheduler in the foreground: fetch every N minutes, send on the cron.
 
-    Stops cleanly on Ctrl-C or SIGTERM.
+    Stops cleanly on Ctrl-C or SIGTERM. With --once: create or upgrade the schema, fetch
+    the feeds, import the config's [[subscribers]], send the round-up of --date, print
+    what was done and exit (1 if a feed, a subscriber row or a delivery failed).
 
+    \b
     Example: digest --config /etc/digest/config.toml run
+    Example: digest --config config.example.toml run --once --date 2026-11-27
     """
+    config = obj.config
+    if once:
+        _run_once(config, _date(date_str, config))
+        return
+    if date_str is not None:
+        raise click.UsageError("--date needs --once (the scheduler picks its own dates)")
     from digest.schedule import run_scheduler
 
-    config = obj.config
     obj.app()  # fail now, not at 09:00 on Friday, if the database is not initialised
     run_scheduler(config, log=lambda m: click.echo(m, err=True))
+
+
+def _run_once(config: Config, edition: date) -> None:
+    from digest.weekly import Hooks, run_once
+
+    def imported(report: ImportReport | None) -> None:
+        if report is None:
+            click.echo("subscribers: the config has no [[subscribers]]; none imported")
+        else:
+            source = config.path.name if config.path else "config"
+            _print_import(report, source, prefix=f"subscribers from {source}: ")
+
+    hooks = Hooks(
+        migrated=lambda rev: click.echo(
+            f"database ready at schema revision {rev}: {_db_label(config)}"
+        ),
+        feed_done=_feed_problems,
+        fetched=lambda report: _print_fetch(report, total="feeds"),
+        imported=imported,
+    )
+    report = run_once(config, edition, hooks)
+    code = _print_send(report.send, config)
+    sys.exit(code or (0 if report.ok else 1))
 
 
 if __name__ == "__main__":

@@ -284,6 +284,13 @@ class SendStats:
     skipped: int = 0
     retries: int = 0
     errors: list[str] = field(default_factory=list)
+    # Deliveries claimable when the run started (set by the caller; progress bars' total).
+    total: int = 0
+
+    @property
+    def done(self) -> int:
+        """Deliveries that reached their outcome for this run (retries still pending excluded)."""
+        return self.sent + self.failed + self.deferred + self.skipped
 
 
 @dataclass(frozen=True)
