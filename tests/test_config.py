@@ -82,6 +82,51 @@ def test_bad_config_names_the_key(tmp_path: Path, old: str, new: str, expected: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            'title = "The Weekly Round-up"',
+            'titel = "The Weekly Round-up"',
+            "unknown key 'newsletter.titel' — did you mean 'title'? "
+            "('newsletter.title' is required and missing)",
+        ),
+        (
+            "[smtp]\nconcurency = 4",
+            "[smtp]\nconcurency = 4",
+            "unknown key 'smtp.concurency' — did you mean 'concurrency'?",
+        ),
+        ("[newsletter]", "[newsleter]", "unknown key 'newsleter' — did you mean 'newsletter'?"),
+        (
+            'regions = ["Europe", "Middle East"]',
+            'Regions = ["Europe", "Middle East"]',
+            "unknown key 'subscribers[1].Regions' — did you mean 'regions'?",
+        ),
+        (
+            'url = "examples/sample-feed.xml"',
+            'URL = "examples/sample-feed.xml"',
+            "unknown key 'feeds[0].URL' — did you mean 'url'? ('feeds[0].url' is required",
+        ),
+        (
+            "[publication]",
+            "[publication]\nzzz = 1",
+            "unknown key 'publication.zzz': remove it or check its spelling in [publication]",
+        ),
+    ],
+)
+def test_a_typo_names_itself_and_the_nearest_key(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    if old.startswith("[smtp]"):
+        path = edit(tmp_path, '[outbox]\npath = "outbox"', new)
+    else:
+        path = edit(tmp_path, old, new)
+    result = CliRunner().invoke(main, ["--config", str(path), "status"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"digest: error: {path}: {expected}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--config", str(tmp_path / "nope.toml"), "status"])
     assert result.exit_code == 2 and "no such config file" in result.stderr
