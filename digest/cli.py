@@ -8,7 +8,6 @@ once, in :class:`DigestGroup`, printed as one line, and turned into its exit cod
 from __future__ import annotations
 
 import sys
-import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +60,13 @@ class Obj:
 
 
 pass_obj = click.make_pass_decorator(Obj)
+
+quiet_option = click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress while running; a summary of at most four lines (and errors) at the end.",
+)
 
 
 def _date(value: str | None, config: Config) -> date:
@@ -118,16 +124,28 @@ def _db_label(config: Config) -> str:
 
 
 @main.command()
+@quiet_option
 @pass_obj
-def fetch(obj: Obj) -> None:
+def fetch(obj: Obj, quiet: bool) -> None:
     """Fetch every [[feeds]] entry into the article store.
 
     Exit 1 when a feed could not be fetched or parsed (the others are still stored).
 
     Example: digest fetch
     """
-    report = pipeline.fetch(obj.app(), progress=_feed_problems)
-    _print_fetch(report)
+    from digest.progress import meter
+
+    app = obj.app()
+    done = []
+    with meter("fetch", "feeds", len(app.config.feeds), quiet=quiet) as m:
+
+        def feed_done(r: FeedReport) -> None:
+            _feed_problems(r)
+            done.append(r)
+            m.update(len(done))
+
+        report = pipeline.fetch(app, progress=feed_done)
+    _print_fetch(report, quiet=quiet)
     if not report.ok:
         sys.exit(1)
 
@@ -139,8 +157,8 @@ def _feed_problems(r: FeedReport) -> None:
         click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
 
 
-def _print_fetch(report: FetchReport, total: str = "total") -> None:
-    for r in report.feeds:
+def _print_fetch(report: FetchReport, total: str = "total", quiet: bool = False) -> None:
+    for r in [] if quiet else report.feeds:
         state = "error" if r.error else ("not modified" if r.not_modified else "ok")
         click.echo(
             f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected"
@@ -155,8 +173,9 @@ def subscribers() -> None:
 
 @subscribers.command("import")
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@quiet_option
 @pass_obj
-def subscribers_import(obj: Obj, path: Path | None) -> None:
+def subscribers_import(obj: Obj, path: Path | None, quiet: bool) -> None:
     """Import subscribers from a .toml ([[subscribers]]) or .csv (email,name,regions) file.
 
     Without PATH, imports the config file's own [[subscribers]]. Idempotent; never
@@ -165,13 +184,17 @@ def subscribers_import(obj: Obj, path: Path | None) -> None:
 
     Example: digest subscribers import readers.csv
     """
+    from digest.progress import meter
     from digest.subscribers import import_path
 
     config = obj.config
     app = obj.app()
     source = path if path is not None else config.path
     assert source is not None
-    report = import_path(app.sessions, source, config.newsletter.regions, datetime.now(UTC))
+    with meter("import", "rows", quiet=quiet) as m:
+        report = import_path(
+            app.sessions, source, config.newsletter.regions, datetime.now(UTC), m.update
+        )
     _print_import(report, source.name)
     if report.rejected:
         sys.exit(1)
@@ -270,8 +293,9 @@ def preview(
 @main.command()
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent; send and record nothing.")
+@quiet_option
 @pass_obj
-def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
+def send(obj: Obj, date_str: str | None, dry_run: bool, quiet: bool) -> None:
     """Build (once) and send a date's round-up to every active subscriber not yet served.
 
     Safe to re-run: the delivery ledger sends nothing twice. Exit 1 when a delivery
@@ -279,20 +303,17 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
 
     Example: digest send --date 2026-11-27
     """
+    from digest.progress import meter
+
     config = obj.config
     edition = _date(date_str, config)
     app = obj.app()
-    last = [time.monotonic()]
+    with meter("send", "messages", quiet=quiet or dry_run) as m:
 
-    def progress(stats: SendStats) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 2:
-            last[0] = now
-            click.echo(
-                f"  … {stats.sent} sent, {stats.failed} failed, {stats.retries} retried", err=True
-            )
+        def progress(stats: SendStats) -> None:
+            m.update(stats.done, stats.total)
 
-    report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
+        report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
     if report.dry_run:
         click.echo(f"round-up {report.edition_date}: {report.subject}")
         click.echo(
@@ -303,8 +324,8 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
     sys.exit(_print_send(report, config))
 
 
-def _print_send(report: pipeline.SendReport, config: Config) -> int:
-    """Print what a send did; return its exit code."""
+def _print_send(report: pipeline.SendReport, config: Config, brief: bool = False) -> int:
+    """Print what a send did (``brief``: two lines); return its exit code."""
     edition = report.edition_date
     click.echo(f"round-up {edition}: {report.subject}")
     s, c = report.stats, report.counts
@@ -312,11 +333,12 @@ def _print_send(report: pipeline.SendReport, config: Config) -> int:
         f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
         f"{s.retries} retries, {report.editions} editions rendered"
     )
-    click.echo(
-        f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
-        f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
-    )
-    if config.outbox is not None and s.sent:
+    if not brief:
+        click.echo(
+            f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
+            f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
+        )
+    if config.outbox is not None and s.sent and not brief:
         click.echo(f"written to the outbox {config.outbox.path / 'new'} (Maildir)")
     if s.interrupted or c["pending"] + c["sending"]:
         why = "send stopped early" if s.interrupted else "send did not finish"
@@ -485,13 +507,15 @@ def bounces_import(obj: Obj, path: Path) -> None:
 @click.option(
     "--date", "date_str", metavar="YYYY-MM-DD", help="With --once: the edition (default: today)."
 )
+@quiet_option
 @pass_obj
-def run(obj: Obj, once: bool, date_str: str | None) -> None:
+def run(obj: Obj, once: bool, date_str: str | None, quiet: bool) -> None:
     """Run the scheduler in the foreground: fetch every N minutes, send on the cron.
 
     Stops cleanly on Ctrl-C or SIGTERM. With --once: create or upgrade the schema, fetch
     the feeds, import the config's [[subscribers]], send the round-up of --date, print
-    what was done and exit (1 if a feed, a subscriber row or a delivery failed).
+    what was done and exit (1 if a feed, a subscriber row or a delivery failed). With
+    --quiet the scheduler logs only warnings and errors.
 
     \b
     Example: digest --config /etc/digest/config.toml run
@@ -499,18 +523,30 @@ def run(obj: Obj, once: bool, date_str: str | None) -> None:
     """
     config = obj.config
     if once:
-        _run_once(config, _date(date_str, config))
+        _run_once(config, _date(date_str, config), quiet)
         return
     if date_str is not None:
         raise click.UsageError("--date needs --once (the scheduler picks its own dates)")
     from digest.schedule import run_scheduler
 
     obj.app()  # fail now, not at 09:00 on Friday, if the database is not initialised
+    if quiet:
+        import logging
+
+        # Configured first, so the scheduler's own basicConfig (INFO) changes nothing.
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
     run_scheduler(config, log=lambda m: click.echo(m, err=True))
 
 
-def _run_once(config: Config, edition: date) -> None:
+def _run_once(config: Config, edition: date, quiet: bool) -> None:
+    from digest.progress import meter
     from digest.weekly import Hooks, run_once
+
+    def migrated(rev: str) -> None:
+        if not quiet:
+            click.echo(f"database ready at schema revision {rev}: {_db_label(config)}")
 
     def imported(report: ImportReport | None) -> None:
         if report is None:
@@ -519,16 +555,16 @@ def _run_once(config: Config, edition: date) -> None:
             source = config.path.name if config.path else "config"
             _print_import(report, source, prefix=f"subscribers from {source}: ")
 
+    # --quiet: four lines at most (feeds, subscribers, round-up, this run), errors aside.
     hooks = Hooks(
-        migrated=lambda rev: click.echo(
-            f"database ready at schema revision {rev}: {_db_label(config)}"
-        ),
+        migrated=migrated,
         feed_done=_feed_problems,
-        fetched=lambda report: _print_fetch(report, total="feeds"),
+        fetched=lambda report: _print_fetch(report, total="feeds", quiet=quiet),
         imported=imported,
+        meter=lambda label, unit, total: meter(label, unit, total, quiet=quiet),
     )
     report = run_once(config, edition, hooks)
-    code = _print_send(report.send, config)
+    code = _print_send(report.send, config, brief=quiet)
     sys.exit(code or (0 if report.ok else 1))
 
 

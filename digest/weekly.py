@@ -8,15 +8,20 @@ repeat: the schema upgrade is idempotent, feeds are fetched conditionally, the c
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from digest import ingest, pipeline
 from digest.config import Config
-from digest.send import SendStats
+from digest.progress import Meter
 from digest.subscribers import ImportProgress, ImportReport, import_entries
+
+MeterFactory = Callable[[str, str, int | None], AbstractContextManager[Meter]]
+"""(step label, unit, total) → a progress display for that step, e.g. ``progress.meter``."""
 
 
 @dataclass
@@ -24,15 +29,29 @@ class Hooks:
     """What the caller hears while the job runs; every hook is optional.
 
     ``fetched``/``imported`` arrive as each step finishes, so a log shows the feeds'
-    result before a long send starts (and even when the send then fails).
+    result before a long send starts (and even when the send then fails). ``meter``
+    shows each step's progress while it runs.
     """
 
     migrated: Callable[[str], None] | None = None
     feed_done: Callable[[ingest.FeedReport], None] | None = None
     fetched: Callable[[ingest.FetchReport], None] | None = None
-    import_progress: ImportProgress | None = None
     imported: Callable[[ImportReport | None], None] | None = None
-    send_progress: Callable[[SendStats], None] | None = None
+    meter: MeterFactory | None = None
+
+    def step(self, label: str, unit: str, total: int | None) -> AbstractContextManager[Meter]:
+        """The progress display of one step (one that shows nothing without ``meter``)."""
+        if self.meter is None:
+            return contextlib.nullcontext(_NO_METER)
+        return self.meter(label, unit, total)
+
+
+class _NoMeter:
+    def update(self, done: int, total: int | None = None) -> None:
+        pass
+
+
+_NO_METER = _NoMeter()
 
 
 @dataclass
@@ -96,13 +115,31 @@ def run_once(
         hooks.migrated(revision)
     app = pipeline.open_app(config)
     try:
-        fetched = pipeline.fetch(app, progress=hooks.feed_done)
+        feeds: list[ingest.FeedReport] = []
+        with hooks.step("fetch", "feeds", len(config.feeds)) as meter:
+
+            def feed_done(report: ingest.FeedReport) -> None:
+                feeds.append(report)
+                if hooks.feed_done:
+                    hooks.feed_done(report)
+                meter.update(len(feeds))
+
+            fetched = pipeline.fetch(app, progress=feed_done)
         if hooks.fetched:
             hooks.fetched(fetched)
-        imported = import_config_subscribers(app, hooks.import_progress)
+        imported = None
+        if config.subscribers:
+            with hooks.step("import", "rows", len(config.subscribers)) as meter:
+                imported = import_config_subscribers(app, meter.update)
         if hooks.imported:
             hooks.imported(imported)
-        sent = pipeline.send(app, edition_date, progress=hooks.send_progress, stop=stop)
+        with hooks.step("send", "messages", None) as meter:
+            sent = pipeline.send(
+                app,
+                edition_date,
+                progress=lambda stats: meter.update(stats.done, stats.total),
+                stop=stop,
+            )
         return WeeklyReport(revision, fetched, imported, sent)
     finally:
         app.engine.dispose()
