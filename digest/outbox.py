@@ -25,7 +25,7 @@ import mailbox
 import re
 from pathlib import Path
 
-from digest.errors import OutboxUnavailableError, PermanentDeliveryError
+from digest.errors import OutboxUnavailableError, PermanentDeliveryError, SenderRejectedError
 
 # The line-ending rule of SMTP DATA (aiosmtplib applies the same one before sending): a
 # lone CR or LF becomes CRLF, and the message ends with a line break.
@@ -44,11 +44,12 @@ def as_data(message: bytes) -> bytes:
 
 def envelope_headers(sender: str, recipient: str) -> bytes:
     """``Return-Path`` and ``Delivered-To``, as a delivery agent prepends them."""
-    for address in (sender, recipient):
-        if _UNSAFE_ADDRESS.search(address):
-            raise PermanentDeliveryError(
-                f"{address!r} cannot be written into a mail header", 550, "bad address"
-            )
+    # Stored addresses are validated on the way in; this only keeps a header line whole.
+    if _UNSAFE_ADDRESS.search(sender):
+        raise SenderRejectedError(f"envelope sender {sender!r} cannot go into Return-Path")
+    if _UNSAFE_ADDRESS.search(recipient):
+        text = "550 5.1.3 address cannot go into Delivered-To"
+        raise PermanentDeliveryError(f"RCPT: {text}", 550, text)
     return f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
 
 

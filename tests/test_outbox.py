@@ -16,7 +16,12 @@ from digest import pipeline
 from digest.cli import main
 from digest.config import Config, load_config
 from digest.dkimsign import DKIMSigner, keygen
-from digest.errors import ConfigError, OutboxUnavailableError
+from digest.errors import (
+    ConfigError,
+    OutboxUnavailableError,
+    PermanentDeliveryError,
+    SenderRejectedError,
+)
 from digest.outbox import MaildirTransport
 from digest.render import IssueContext, Recipient, Renderer
 from digest.select import Section
@@ -182,3 +187,13 @@ def test_an_unwritable_outbox_stops_the_run_and_marks_nothing_sent(
     assert pipeline.send(app, D).stats.sent == 3
     assert len(maildir_files(tmp_path / "outbox")) == 3
     app.engine.dispose()
+
+
+async def test_an_address_that_would_break_a_header_line_is_refused(tmp_path: Path) -> None:
+    box = MaildirTransport(tmp_path / "box")
+    with pytest.raises(PermanentDeliveryError):
+        await box.send(SENDER, "a@example.org\r\nBcc: x@example.org", b"Subject: x\r\n\r\nx\r\n")
+    with pytest.raises(SenderRejectedError):
+        await box.send("a b@example.org", "a@example.org", b"Subject: x\r\n\r\nx\r\n")
+    assert not (tmp_path / "box").exists() or maildir_files(tmp_path / "box") == []
+    assert (await box.send(SENDER, "a@example.org", b"Subject: x\r\n\r\nx\r\n")).startswith("250")
