@@ -8,10 +8,9 @@ once, in :class:`DigestGroup`, printed as one line, and turned into its exit cod
 from __future__ import annotations
 
 import sys
-import time
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +19,10 @@ from digest import pipeline
 from digest.config import Config, default_config_path, load_config
 from digest.errors import DigestError
 from digest.send import SendStats
+
+if TYPE_CHECKING:
+    from digest.ingest import FeedReport, FetchReport
+    from digest.subscribers import ImportReport
 
 
 class DigestGroup(click.Group):
@@ -58,6 +61,13 @@ class Obj:
 
 pass_obj = click.make_pass_decorator(Obj)
 
+quiet_option = click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress while running; a summary of at most four lines (and errors) at the end.",
+)
+
 
 def _date(value: str | None, config: Config) -> date:
     if value is None:
@@ -91,6 +101,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       digest preview --out issue.html  # look before you send
       digest send                      # send today's round-up (safe to re-run)
       digest run                       # or let the scheduler do all of it
+      digest run --once                # or all of it now, once (from cron)
     """
     ctx.obj = Obj(config_path)
 
@@ -113,31 +124,46 @@ def _db_label(config: Config) -> str:
 
 
 @main.command()
+@quiet_option
 @pass_obj
-def fetch(obj: Obj) -> None:
+def fetch(obj: Obj, quiet: bool) -> None:
     """Fetch every [[feeds]] entry into the article store.
 
     Exit 1 when a feed could not be fetched or parsed (the others are still stored).
 
     Example: digest fetch
     """
-    from digest.ingest import FeedReport
+    from digest.progress import meter
 
-    def progress(r: FeedReport) -> None:
-        if r.error:
-            click.echo(f"digest: feed {r.feed}: {r.error}", err=True)
-        for rej in r.rejected:
-            click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
+    app = obj.app()
+    done = []
+    with meter("fetch", "feeds", len(app.config.feeds), quiet=quiet) as m:
 
-    report = pipeline.fetch(obj.app(), progress=progress)
-    for r in report.feeds:
+        def feed_done(r: FeedReport) -> None:
+            _feed_problems(r)
+            done.append(r)
+            m.update(len(done))
+
+        report = pipeline.fetch(app, progress=feed_done)
+    _print_fetch(report, quiet=quiet)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _feed_problems(r: FeedReport) -> None:
+    if r.error:
+        click.echo(f"digest: feed {r.feed}: {r.error}", err=True)
+    for rej in r.rejected:
+        click.echo(f"digest: feed {r.feed}: rejected {rej.item}: {rej.reason}", err=True)
+
+
+def _print_fetch(report: FetchReport, total: str = "total", quiet: bool = False) -> None:
+    for r in [] if quiet else report.feeds:
         state = "error" if r.error else ("not modified" if r.not_modified else "ok")
         click.echo(
             f"{r.feed}: {state}, {r.new} new, {r.updated} updated, {len(r.rejected)} rejected"
         )
-    click.echo(f"total: {report.new} new, {report.updated} updated, {report.rejected} rejected")
-    if not report.ok:
-        sys.exit(1)
+    click.echo(f"{total}: {report.new} new, {report.updated} updated, {report.rejected} rejected")
 
 
 @main.group()
@@ -147,8 +173,9 @@ def subscribers() -> None:
 
 @subscribers.command("import")
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@quiet_option
 @pass_obj
-def subscribers_import(obj: Obj, path: Path | None) -> None:
+def subscribers_import(obj: Obj, path: Path | None, quiet: bool) -> None:
     """Import subscribers from a .toml ([[subscribers]]) or .csv (email,name,regions) file.
 
     Without PATH, imports the config file's own [[subscribers]]. Idempotent; never
@@ -157,23 +184,29 @@ def subscribers_import(obj: Obj, path: Path | None) -> None:
 
     Example: digest subscribers import readers.csv
     """
+    from digest.progress import meter
     from digest.subscribers import import_path
 
     config = obj.config
     app = obj.app()
     source = path if path is not None else config.path
     assert source is not None
-    report = import_path(app.sessions, source, config.newsletter.regions, datetime.now(UTC))
-    for row in report.rejected:
-        click.echo(
-            f"digest: {source.name}: {row.line}: rejected {row.value}: {row.reason}", err=True
+    with meter("import", "rows", quiet=quiet) as m:
+        report = import_path(
+            app.sessions, source, config.newsletter.regions, datetime.now(UTC), m.update
         )
-    click.echo(
-        f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-        f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
-    )
+    _print_import(report, source.name)
     if report.rejected:
         sys.exit(1)
+
+
+def _print_import(report: ImportReport, source: str, prefix: str = "") -> None:
+    for row in report.rejected:
+        click.echo(f"digest: {source}: {row.line}: rejected {row.value}: {row.reason}", err=True)
+    click.echo(
+        f"{prefix}{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.kept_unsubscribed} kept unsubscribed, {len(report.rejected)} rejected"
+    )
 
 
 @subscribers.command("list")
@@ -260,8 +293,9 @@ def preview(
 @main.command()
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent; send and record nothing.")
+@quiet_option
 @pass_obj
-def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
+def send(obj: Obj, date_str: str | None, dry_run: bool, quiet: bool) -> None:
     """Build (once) and send a date's round-up to every active subscriber not yet served.
 
     Safe to re-run: the delivery ledger sends nothing twice. Exit 1 when a delivery
@@ -269,36 +303,43 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
 
     Example: digest send --date 2026-11-27
     """
+    from digest.progress import meter
+
     config = obj.config
     edition = _date(date_str, config)
     app = obj.app()
-    last = [time.monotonic()]
+    with meter("send", "messages", quiet=quiet or dry_run) as m:
 
-    def progress(stats: SendStats) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 2:
-            last[0] = now
-            click.echo(
-                f"  … {stats.sent} sent, {stats.failed} failed, {stats.retries} retried", err=True
-            )
+        def progress(stats: SendStats) -> None:
+            m.update(stats.done, stats.total)
 
-    report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
-    click.echo(f"round-up {report.edition_date}: {report.subject}")
+        report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
     if report.dry_run:
+        click.echo(f"round-up {report.edition_date}: {report.subject}")
         click.echo(
             f"dry run: would send {report.would_send} messages in {report.editions} editions, "
             f"skip {report.stats.skipped} (empty edition); nothing sent"
         )
         return
+    sys.exit(_print_send(report, config))
+
+
+def _print_send(report: pipeline.SendReport, config: Config, brief: bool = False) -> int:
+    """Print what a send did (``brief``: two lines); return its exit code."""
+    edition = report.edition_date
+    click.echo(f"round-up {edition}: {report.subject}")
     s, c = report.stats, report.counts
     click.echo(
         f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
         f"{s.retries} retries, {report.editions} editions rendered"
     )
-    click.echo(
-        f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
-        f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
-    )
+    if not brief:
+        click.echo(
+            f"ledger: {c['sent']} sent, {c['failed']} failed, {c['deferred']} deferred, "
+            f"{c['skipped']} skipped, {c['pending'] + c['sending']} pending"
+        )
+    if config.outbox is not None and s.sent and not brief:
+        click.echo(f"written to the outbox {config.outbox.path / 'new'} (Maildir)")
     if s.interrupted or c["pending"] + c["sending"]:
         why = "send stopped early" if s.interrupted else "send did not finish"
         click.echo(
@@ -306,7 +347,7 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
             f"`digest send --date {edition}` again to finish",
             err=True,
         )
-        sys.exit(1)
+        return 1
     if c["deferred"]:
         click.echo(
             f"digest: {c['deferred']} deliveries deferred; run `digest send --date {edition}` "
@@ -319,7 +360,8 @@ def send(obj: Obj, date_str: str | None, dry_run: bool) -> None:
             f"`digest deliveries --failed --date {edition}`",
             err=True,
         )
-        sys.exit(1)
+        return 1
+    return 0
 
 
 @main.command()
@@ -461,19 +503,69 @@ def bounces_import(obj: Obj, path: Path) -> None:
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="Do the weekly job now and exit (for cron).")
+@click.option(
+    "--date", "date_str", metavar="YYYY-MM-DD", help="With --once: the edition (default: today)."
+)
+@quiet_option
 @pass_obj
-def run(obj: Obj) -> None:
+def run(obj: Obj, once: bool, date_str: str | None, quiet: bool) -> None:
     """Run the scheduler in the foreground: fetch every N minutes, send on the cron.
 
-    Stops cleanly on Ctrl-C or SIGTERM.
+    Stops cleanly on Ctrl-C or SIGTERM. With --once: create or upgrade the schema, fetch
+    the feeds, import the config's [[subscribers]], send the round-up of --date, print
+    what was done and exit (1 if a feed, a subscriber row or a delivery failed). With
+    --quiet the scheduler logs only warnings and errors.
 
+    \b
     Example: digest --config /etc/digest/config.toml run
+    Example: digest --config config.example.toml run --once --date 2026-11-27
     """
+    config = obj.config
+    if once:
+        _run_once(config, _date(date_str, config), quiet)
+        return
+    if date_str is not None:
+        raise click.UsageError("--date needs --once (the scheduler picks its own dates)")
     from digest.schedule import run_scheduler
 
-    config = obj.config
     obj.app()  # fail now, not at 09:00 on Friday, if the database is not initialised
+    if quiet:
+        import logging
+
+        # Configured first, so the scheduler's own basicConfig (INFO) changes nothing.
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
     run_scheduler(config, log=lambda m: click.echo(m, err=True))
+
+
+def _run_once(config: Config, edition: date, quiet: bool) -> None:
+    from digest.progress import meter
+    from digest.weekly import Hooks, run_once
+
+    def migrated(rev: str) -> None:
+        if not quiet:
+            click.echo(f"database ready at schema revision {rev}: {_db_label(config)}")
+
+    def imported(report: ImportReport | None) -> None:
+        if report is None:
+            click.echo("subscribers: the config has no [[subscribers]]; none imported")
+        else:
+            source = config.path.name if config.path else "config"
+            _print_import(report, source, prefix=f"subscribers from {source}: ")
+
+    # --quiet: four lines at most (feeds, subscribers, round-up, this run), errors aside.
+    hooks = Hooks(
+        migrated=migrated,
+        feed_done=_feed_problems,
+        fetched=lambda report: _print_fetch(report, total="feeds", quiet=quiet),
+        imported=imported,
+        meter=lambda label, unit, total: meter(label, unit, total, quiet=quiet),
+    )
+    report = run_once(config, edition, hooks)
+    code = _print_send(report.send, config, brief=quiet)
+    sys.exit(code or (0 if report.ok else 1))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ module receives a :class:`Config`. Every error names the file and the key, and s
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from datetime import tzinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -96,6 +97,11 @@ class SMTP(_Section):
     data_timeout_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=20)
     retry_base_seconds: float = Field(default=2.0, ge=0)
+
+
+class Outbox(_Section):
+    # A Maildir folder (relative paths: beside the config file) instead of an SMTP relay.
+    path: Path
 
 
 class Schedule(_Section):
@@ -193,6 +199,7 @@ class Config(_Section):
     feeds: list[Feed] = []
     subscribers: list[SubscriberEntry] = []
     dkim: DKIM | None = None
+    outbox: Outbox | None = None
     # Set by load_config, not by the file: where relative paths were resolved and secrets
     # read from the environment at load time.
     path: Path | None = None
@@ -210,6 +217,17 @@ class Config(_Section):
                         f"subscribers[{i}].regions: {region!r} is not in newsletter.regions "
                         f"({', '.join(self.newsletter.regions)})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Config:
+        # model_fields_set holds the sections the file gave, not the defaulted ones: an
+        # [outbox] with the built-in SMTP defaults is fine, with an [smtp] table it is not.
+        if self.outbox is not None and "smtp" in self.model_fields_set:
+            raise ValueError(
+                "both [smtp] and [outbox] are set: keep [outbox] to write messages into a "
+                "folder, or [smtp] to send them through a mail server, and remove the other"
+            )
         return self
 
     @property
@@ -249,15 +267,57 @@ def default_config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    loc = [str(p) for p in error["loc"]]
+_PRIVATE_KEYS = ("path", "smtp_password", "unsubscribe_secret", "unsubscribe_old_secrets")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that holds the key at ``loc`` (``("feeds", 0, "nmae")`` → Feed)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        inner = [field.annotation, *get_args(field.annotation)]
+        inner += [a for t in inner for a in get_args(t)]  # list[Feed] | None, …
+        found = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
+            return None
+        model = found[0]
+    return model
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str | None:
+    """The valid key nearest to a misspelt one, if any is near enough."""
+    model = _model_at(loc)
+    if model is None:
+        return None
+    valid = [k for k in model.model_fields if model is not Config or k not in _PRIVATE_KEYS]
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+    if not close:
+        # Case slips ("Title") are typos too, whatever difflib's ratio says.
+        close = [k for k in valid if k.casefold() == str(loc[-1]).casefold()]
+    return close[0] if close else None
+
+
+def _key_name(loc: tuple[Any, ...]) -> str:
     # Lists appear as ("feeds", 0, "url"); show them as feeds[0].url.
     key = ""
-    for part in loc:
+    for part in (str(p) for p in loc):
         key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+    return key
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = _key_name(loc)
     kind = error["type"]
     if kind == "extra_forbidden":
         section = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        near = _suggestion(loc)
+        if near is not None:
+            return f"unknown key '{key}' — did you mean '{near}'?"
         return f"unknown key '{key}': remove it or check its spelling in [{section}]"
     if kind == "missing":
         return f"missing key '{key}': add it (see config.example.toml)"
@@ -265,6 +325,26 @@ def _describe(error: dict[str, Any]) -> str:
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict):
         return f"key '{key}': {msg} (got {error['input']!r})" if key else msg
     return f"key '{key}': {msg}" if key else msg
+
+
+def _explain(errors: list[dict[str, Any]]) -> str:
+    """One line for all that is wrong: misspelt keys first (a typo is usually also the
+    reason a key is missing, and then both are said together), then missing keys, then
+    the first other problem."""
+    typos = [e for e in errors if e["type"] == "extra_forbidden"]
+    missing = {tuple(e["loc"]): e for e in errors if e["type"] == "missing"}
+    if not typos and not missing:
+        return _describe(errors[0])
+    parts = []
+    for error in typos:
+        text = _describe(error)
+        loc = tuple(error["loc"])
+        near = _suggestion(loc)
+        if near is not None and missing.pop((*loc[:-1], near), None) is not None:
+            text += f" ('{_key_name((*loc[:-1], near))}' is required and missing)"
+        parts.append(text)
+    parts += [_describe(e) for e in missing.values()]
+    return "; ".join(parts[:4])
 
 
 def load_config(path: Path | str | None = None) -> Config:
@@ -290,14 +370,13 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(f"{cfg_path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from None
-    for private in ("path", "smtp_password", "unsubscribe_secret", "unsubscribe_old_secrets"):
+    for private in _PRIVATE_KEYS:
         if private in data:
             raise ConfigError(f"{cfg_path}: unknown key '{private}': remove it")
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{cfg_path}: {_describe(dict(first))}") from None
+        raise ConfigError(f"{cfg_path}: {_explain([dict(e) for e in exc.errors()])}") from None
     return _resolve(config, cfg_path.resolve())
 
 
@@ -324,6 +403,10 @@ def _resolve(config: Config, path: Path) -> Config:
     if dkim is not None:
         dkim = dkim.model_copy(update={"private_key_path": rel(dkim.private_key_path)})
 
+    outbox = config.outbox
+    if outbox is not None:
+        outbox = outbox.model_copy(update={"path": rel(outbox.path)})
+
     password = None
     if config.smtp.password_env:
         password = os.environ.get(config.smtp.password_env)
@@ -343,6 +426,7 @@ def _resolve(config: Config, path: Path) -> Config:
             "database": Database(url=db_url),
             "newsletter": newsletter,
             "dkim": dkim,
+            "outbox": outbox,
             "smtp_password": password,
             "unsubscribe_secret": secret or None,
             "unsubscribe_old_secrets": tuple(old_secrets),

@@ -20,8 +20,9 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
         │   └── AmbiguousDeliveryError  the reply to the final "." never came
         ├── PermanentDeliveryError   the recipient was refused (5xx to RCPT, 5.1.x/5.2.x)
         └── SMTPUnavailableError     cannot connect or log in at all: abort the run
-            └── SenderRejectedError  the server refuses our sender, session or message
-                                     as a whole: abort the run, count against nobody
+            ├── SenderRejectedError  the server refuses our sender, session or message
+            │                        as a whole: abort the run, count against nobody
+            └── OutboxUnavailableError  the [outbox] Maildir cannot be written: abort the run
 """
 
 from __future__ import annotations
@@ -109,3 +110,8 @@ class SenderRejectedError(SMTPUnavailableError):
     would get the same answer, so counting it as their bounce would mark the whole list
     bounced within three issues; instead the run stops and the rows stay pending.
     """
+
+
+class OutboxUnavailableError(SMTPUnavailableError):
+    """The outbox folder cannot be created or written: the whole run stops, as when the
+    SMTP server is down (nothing is marked sent for the message that failed)."""

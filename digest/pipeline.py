@@ -34,8 +34,8 @@ from digest.send import (
     RetryPolicy,
     SendEngine,
     SendStats,
-    SMTPTransport,
-    Transport,
+    TransportFactory,
+    transport_factory,
 )
 from digest.store import Claimed
 from digest.tokens import TokenSigner
@@ -346,9 +346,6 @@ class SendReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-TransportFactory = Callable[[], Transport]
-
-
 def send(
     app: App,
     edition_date: date,
@@ -379,11 +376,14 @@ def send(
             store.release_orphans(session, issue.id)
             gone = store.skip_unsubscribed(session, issue.id)
             session.commit()
+            total = store.count_sendable(session, issue.id, datetime.now(UTC))
         editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
-        factory = transports or (lambda: SMTPTransport(config.smtp, config.smtp_password))
+        factory = transports or transport_factory(config)
         try:
             report.stats = asyncio.run(
-                _send_async(app, issue, editions, signer, dkim, renderer, factory, progress, stop)
+                _send_async(
+                    app, issue, editions, signer, dkim, renderer, factory, progress, stop, total
+                )
             )
         finally:
             # Whatever happened, rows this run claimed but never tried go back to pending
@@ -428,6 +428,7 @@ async def _send_async(
     transports: TransportFactory,
     progress: Callable[[SendStats], None] | None,
     stop: threading.Event | None,
+    total: int,
 ) -> SendStats:
     config = app.config
     ledger = SQLLedger(app.engine, app.sessions)
@@ -439,6 +440,9 @@ async def _send_async(
         RetryPolicy(config.smtp.max_attempts, config.smtp.retry_base_seconds),
         progress,
     )
+    engine.stats.total = total
+    if progress is not None:
+        progress(engine.stats)  # the total, before the first message
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Outside the main thread (the scheduler's worker, tests) the caller owns signals.

@@ -31,6 +31,7 @@ from typing import Protocol
 import aiosmtplib
 
 from digest.config import SMTP as SMTPConfig
+from digest.config import Config
 from digest.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
@@ -200,6 +201,34 @@ def _refused_party(stage: str, code: int, message: str) -> str:
     return "the message"
 
 
+TransportFactory = Callable[[], Transport]
+
+
+def transport_factory(config: Config) -> TransportFactory:
+    """What delivers mail for this config: the ``[outbox]`` Maildir, else the ``[smtp]`` relay.
+
+    Every sender of mail (the weekly send, and any one-off message such as a signup
+    confirmation or an editor's test copy) goes through this, so ``[outbox]`` catches them
+    all. Call the factory once per connection; a transport sends many messages::
+
+        transport = transport_factory(config)()
+        try:
+            await transport.send(envelope_from, "reader@example.org", message_bytes)
+        finally:
+            await transport.close()
+
+    ``send`` raises :class:`~digest.errors.DeliveryError` subclasses (see
+    :mod:`digest.errors`) and returns the server's reply (or where the file went).
+    """
+    if config.outbox is not None:
+        from digest.outbox import MaildirTransport
+
+        path = config.outbox.path
+        return lambda: MaildirTransport(path)
+    smtp, password = config.smtp, config.smtp_password
+    return lambda: SMTPTransport(smtp, password)
+
+
 def _reason(exc: BaseException) -> str:
     # aiosmtplib wraps the socket error; its strerror ("Connection refused") says it best.
     for e in (exc, exc.__cause__, exc.__context__):
@@ -255,6 +284,13 @@ class SendStats:
     skipped: int = 0
     retries: int = 0
     errors: list[str] = field(default_factory=list)
+    # Deliveries claimable when the run started (set by the caller; progress bars' total).
+    total: int = 0
+
+    @property
+    def done(self) -> int:
+        """Deliveries that reached their outcome for this run (retries still pending excluded)."""
+        return self.sent + self.failed + self.deferred + self.skipped
 
 
 @dataclass(frozen=True)

@@ -551,6 +551,27 @@ def unsent_subscribers(
         after = page[-1][0]
 
 
+def count_sendable(session: Session, issue_id: int, now: datetime) -> int:
+    """How many deliveries :func:`claim_deliveries` would hand out now (progress totals).
+
+    The same condition as a claim, counted once at the start of a run, not per batch.
+    """
+    due = or_(
+        Delivery.status == DeliveryStatus.PENDING,
+        and_(
+            Delivery.status == DeliveryStatus.DEFERRED,
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        ),
+    )
+    stmt = (
+        select(func.count())
+        .select_from(Delivery)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.issue_id == issue_id, due, Subscriber.status == SubscriberStatus.ACTIVE)
+    )
+    return session.scalar(stmt) or 0
+
+
 def skip_unsubscribed(session: Session, issue_id: int) -> int:
     """Mark not-yet-sent deliveries of people who left the list since as skipped."""
     gone = select(Subscriber.id).where(Subscriber.status != SubscriberStatus.ACTIVE)

@@ -21,7 +21,7 @@ import csv
 import re
 import tomllib
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -232,6 +232,13 @@ class ImportReport:
     kept_unsubscribed: int = 0
     rejected: list[RejectedRow] = field(default_factory=list)
 
+    @property
+    def processed(self) -> int:
+        """Input rows dealt with so far (each counted once, whatever became of it)."""
+        return (
+            self.added + self.updated + self.unchanged + self.kept_unsubscribed + len(self.rejected)
+        )
+
     def summary(self) -> str:
         """One line for the CLI, e.g. ``added 3, updated 1, unchanged 0, …``."""
         return (
@@ -255,6 +262,9 @@ _MISSING: Final = _Missing.MISSING
 # type in any field, so the core checks types itself.
 _RawRow = tuple[str, object, object, object]
 _Regions = list[str] | None | _Missing
+
+ImportProgress = Callable[[int, int | None], None]
+"""Called with (rows processed, rows in the input or None when unknown) after every chunk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +337,8 @@ def _import(
     regions: Sequence[str],
     source: str,
     now: datetime,
+    progress: ImportProgress | None = None,
+    total: int | None = None,
 ) -> ImportReport:
     _require_aware(now)
     rules = _Rules(regions)
@@ -354,8 +366,12 @@ def _import(
         if len(chunk) >= CHUNK_SIZE:
             _write_chunk(sessions, chunk, source, now, report)
             chunk = []
+            if progress is not None:
+                progress(report.processed, total)
     if chunk:
         _write_chunk(sessions, chunk, source, now, report)
+    if progress is not None:
+        progress(report.processed, total)
     return report
 
 
@@ -422,6 +438,7 @@ def import_entries(
     regions: Sequence[str],
     source: str,
     now: datetime,
+    progress: ImportProgress | None = None,
 ) -> ImportReport:
     """Import ``(location, email, name, regions)`` rows; the core of every import.
 
@@ -435,9 +452,11 @@ def import_entries(
     first row of an address wins and later ones are rejected as duplicates.
 
     ``entries`` is consumed lazily and written every :data:`CHUNK_SIZE` valid rows, one
-    commit each, so memory does not grow with the input.
+    commit each, so memory does not grow with the input. ``progress`` hears after each
+    chunk (the total is ``len(entries)`` when it has one).
     """
-    return _import(sessions, entries, regions, source, now)
+    total = len(entries) if isinstance(entries, Sequence) else None
+    return _import(sessions, entries, regions, source, now, progress, total)
 
 
 # --- files ------------------------------------------------------------------------------
@@ -448,6 +467,7 @@ def import_path(
     path: Path,
     regions: Sequence[str],
     now: datetime,
+    progress: ImportProgress | None = None,
 ) -> ImportReport:
     """Import subscribers from a ``.csv`` or ``.toml`` file (see :func:`import_entries`).
 
@@ -468,10 +488,12 @@ def import_path(
     """
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        _check_csv(path)
-        return _import(sessions, _csv_rows(path), regions, f"csv:{path.name}", now)
+        rows = _check_csv(path)
+        return _import(sessions, _csv_rows(path), regions, f"csv:{path.name}", now, progress, rows)
     if suffix == ".toml":
-        return _import(sessions, _toml_rows(path), regions, f"toml:{path.name}", now)
+        entries = _toml_rows(path)
+        source = f"toml:{path.name}"
+        return _import(sessions, entries, regions, source, now, progress, len(entries))
     raise UsageError(
         f"{path}: cannot import '{suffix or path.name}' files; give a .csv file with the "
         "header email,name,regions or a .toml file with [[subscribers]] tables"
@@ -521,15 +543,18 @@ def _csv_columns(path: Path, header: list[str] | None) -> dict[str, int]:
     return columns
 
 
-def _check_csv(path: Path) -> None:
+def _check_csv(path: Path) -> int:
     """Read the whole file once without writing, so encoding and quoting errors stop the
-    import before any row is stored (a half-imported list is worse than none)."""
+    import before any row is stored (a half-imported list is worse than none). Returns
+    the number of non-blank data rows (the import's progress total)."""
+    rows = 0
     with _open_csv(path) as f:
         reader = csv.reader(f)
         try:
             _csv_columns(path, next(reader, None))
-            for _ in reader:
-                pass
+            for cells in reader:
+                if any(cell.strip() for cell in cells):
+                    rows += 1
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, exc) from None
         except csv.Error as exc:
@@ -538,6 +563,7 @@ def _check_csv(path: Path) -> None:
             ) from None
         except OSError as exc:
             raise _unreadable(path, exc) from None
+    return rows
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UsageError:

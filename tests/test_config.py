@@ -22,6 +22,7 @@ def test_example_config_loads_and_resolves_paths() -> None:
     assert config.feeds[0].url == str(ROOT / "examples" / "sample-feed.xml")
     assert config.database.url == f"sqlite:///{ROOT / 'digest.db'}"
     assert config.schedule.misfire_grace_hours == 12
+    assert config.outbox is not None and config.outbox.path == ROOT / "outbox"
     assert config.unsubscribe_secret
 
 
@@ -36,7 +37,11 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("concurrency = 4", "concurency = 4", "unknown key 'smtp.concurency'"),
+        (
+            '[outbox]\npath = "outbox"',
+            "[smtp]\nconcurency = 4",
+            "unknown key 'smtp.concurency'",
+        ),
         ("lookback_days = 7", 'lookback_days = "seven"', "key 'newsletter.lookback_days'"),
         ('send_cron = "0 9 * * fri"', 'send_cron = "0 25 * * fri"', "key 'schedule.send_cron'"),
         (
@@ -49,7 +54,7 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
             'regions = ["Europa"]',
             "'Europa' is not in newsletter.regions",
         ),
-        ('security = "none"', 'security = "ssl"', "key 'smtp.security'"),
+        ('[outbox]\npath = "outbox"', '[smtp]\nsecurity = "ssl"', "key 'smtp.security'"),
         (
             'base_url = "http://127.0.0.1:8080"',
             'base_url = "127.0.0.1"',
@@ -79,6 +84,51 @@ def test_bad_config_names_the_key(tmp_path: Path, old: str, new: str, expected: 
     assert result.exit_code == 2
     assert expected in result.stderr
     assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            'title = "The Weekly Round-up"',
+            'titel = "The Weekly Round-up"',
+            "unknown key 'newsletter.titel' — did you mean 'title'? "
+            "('newsletter.title' is required and missing)",
+        ),
+        (
+            "[smtp]\nconcurency = 4",
+            "[smtp]\nconcurency = 4",
+            "unknown key 'smtp.concurency' — did you mean 'concurrency'?",
+        ),
+        ("[newsletter]", "[newsleter]", "unknown key 'newsleter' — did you mean 'newsletter'?"),
+        (
+            'regions = ["Europe", "Middle East"]',
+            'Regions = ["Europe", "Middle East"]',
+            "unknown key 'subscribers[1].Regions' — did you mean 'regions'?",
+        ),
+        (
+            'url = "examples/sample-feed.xml"',
+            'URL = "examples/sample-feed.xml"',
+            "unknown key 'feeds[0].URL' — did you mean 'url'? ('feeds[0].url' is required",
+        ),
+        (
+            "[publication]",
+            "[publication]\nzzz = 1",
+            "unknown key 'publication.zzz': remove it or check its spelling in [publication]",
+        ),
+    ],
+)
+def test_a_typo_names_itself_and_the_nearest_key(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    if old.startswith("[smtp]"):
+        path = edit(tmp_path, '[outbox]\npath = "outbox"', new)
+    else:
+        path = edit(tmp_path, old, new)
+    result = CliRunner().invoke(main, ["--config", str(path), "status"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"digest: error: {path}: {expected}")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
