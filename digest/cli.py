@@ -212,22 +212,26 @@ def _print_import(report: ImportReport, source: str, prefix: str = "") -> None:
 @subscribers.command("list")
 @pass_obj
 def subscribers_list(obj: Obj) -> None:
-    """List subscribers: email, status, regions, name.
+    """List subscribers: email, status, regions, name, then the consent record
+    (source import/signup, subscribed at, confirmed at; UTC).
 
     Example: digest subscribers list
     """
     from digest import store
+    from digest.subscribers import consent_record
 
     with obj.app().sessions() as session:
         for s in store.iter_subscribers(session):
             regions = ";".join(s.regions) if s.regions is not None else "(all)"
-            click.echo(f"{s.email}\t{s.status}\t{regions}\t{s.name}")
+            consent = "\t".join(v or "-" for v in consent_record(s))
+            click.echo(f"{s.email}\t{s.status}\t{regions}\t{s.name}\t{consent}")
 
 
 @subscribers.command("export")
 @pass_obj
 def subscribers_export(obj: Obj) -> None:
-    """Write every subscriber as CSV (email,name,regions,status) to stdout.
+    """Write every subscriber as CSV to stdout: email,name,regions,status and the consent
+    record source,subscribed_at,confirmed_at.
 
     Example: digest subscribers export > backup.csv
     """
@@ -399,19 +403,33 @@ def status(obj: Obj, limit: int) -> None:
 @click.option("--port", default=8080, show_default=True, help="Port to listen on.")
 @pass_obj
 def serve(obj: Obj, host: str, port: int) -> None:
-    """Serve the unsubscribe pages ([unsubscribe] base_url must reach this).
+    """Serve the reader pages ([unsubscribe] base_url must reach this).
 
-    One-click POST /unsubscribe/TOKEN (RFC 8058), a confirm page on GET, GET /healthz.
-    Put it behind your HTTPS reverse proxy.
+    Unsubscribe (one-click POST, RFC 8058), signup with double opt-in (/subscribe), the
+    preference centre, the archive (/archive) and GET /healthz; sends the signup mails.
+    Put it behind your HTTPS reverse proxy ([signup] trusted_proxies).
 
     Example: digest serve --host 127.0.0.1 --port 8080
     """
+    import logging
+
     import uvicorn
 
     from digest.serve import create_app
 
     app = obj.app()
-    uvicorn.run(create_app(obj.config, app.sessions), host=host, port=port, log_level="info")
+    web_app = create_app(obj.config, app.sessions)
+    logging.basicConfig(level=logging.INFO, format="digest serve: %(levelname)s %(message)s")
+    uvicorn.run(
+        web_app,
+        host=host,
+        port=port,
+        log_level="info",
+        # digest decides whose X-Forwarded-For to believe ([signup] trusted_proxies);
+        # uvicorn's own handling would believe it from 127.0.0.1 by default.
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 @main.group()

@@ -164,6 +164,37 @@ class Unsubscribe(_Section):
         return value.rstrip("/")
 
 
+class Signup(_Section):
+    """``[signup]``: the public signup form of ``digest serve`` (double opt-in)."""
+
+    enabled: bool = True
+    confirm_ttl_hours: int = Field(default=72, ge=1, le=24 * 30)
+    max_per_ip_per_hour: int = Field(default=20, ge=1, le=100_000)
+    # Peers whose X-Forwarded-For is believed (addresses or networks, e.g. "10.0.0.0/8").
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        for value in values:
+            try:
+                ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address or network; write e.g. '127.0.0.1' "
+                    "or '10.0.0.0/8'"
+                ) from None
+        return [v.strip() for v in values]
+
+
+class Archive(_Section):
+    """``[archive]``: the public web archive of sent round-ups."""
+
+    enabled: bool = True
+
+
 class Feed(_Section):
     url: str
     name: str | None = None
@@ -196,6 +227,8 @@ class Config(_Section):
     smtp: SMTP = SMTP()
     schedule: Schedule = Schedule()
     unsubscribe: Unsubscribe
+    signup: Signup = Signup()
+    archive: Archive = Archive()
     feeds: list[Feed] = []
     subscribers: list[SubscriberEntry] = []
     dkim: DKIM | None = None

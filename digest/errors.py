@@ -12,7 +12,8 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
     ├── DatabaseError                the database cannot be opened, migrated or queried
     ├── FeedError                    one feed could not be fetched or parsed
     ├── RenderError                  a template is missing or does not compile
-    ├── TokenError                   an unsubscribe token is malformed, tampered or foreign
+    ├── TokenError                   a link's token is malformed, tampered or foreign
+    │   └── ExpiredToken             a genuine confirmation link past its lifetime
     ├── NothingToSend                the week has no articles (run ``digest fetch``)
     ├── SendInProgress               another ``digest send`` holds this issue
     └── DeliveryError                one SMTP delivery went wrong
@@ -59,7 +60,11 @@ class RenderError(DigestError):
 
 
 class TokenError(DigestError):
-    """An unsubscribe token does not verify."""
+    """A token (unsubscribe, preferences, confirmation) does not verify."""
+
+
+class ExpiredToken(TokenError):
+    """A confirmation token that is genuine but older than ``[signup] confirm_ttl_hours``."""
 
 
 class NothingToSend(DigestError):

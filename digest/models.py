@@ -72,6 +72,26 @@ class DeliveryStatus(enum.StrEnum):
     SKIPPED = "skipped"
 
 
+class SubscriberSource(enum.StrEnum):
+    """How a subscriber's consent was given: on a list an editor imported, or by a
+    confirmed signup (double opt-in). Imports store where they came from (``csv:list.csv``,
+    ``config``) in ``subscribers.source``; see :func:`consent_source`."""
+
+    IMPORT = "import"
+    SIGNUP = "signup"
+
+
+class SignupMailKind(enum.StrEnum):
+    CONFIRM = "confirm"  # "confirm your subscription" with a /confirm/ link
+    ALREADY = "already"  # "you are already subscribed; manage your regions here"
+
+
+class SignupMailStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -129,6 +149,15 @@ class Subscriber(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The consent record: when the current subscription was asked for (import time or
+    # signup request) and when the address owner confirmed it (signups only).
+    subscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+def consent_source(source: str) -> SubscriberSource:
+    """The kind of consent behind a stored ``subscribers.source``."""
+    return SubscriberSource.SIGNUP if source == SubscriberSource.SIGNUP else SubscriberSource.IMPORT
 
 
 class Issue(Base):
@@ -182,3 +211,39 @@ class MissedSend(Base):
     edition_date: Mapped[date] = mapped_column(Date, unique=True)
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime)
     noticed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SignupMail(Base):
+    """A mail the signup form asked for, queued by the request and sent by ``digest serve``.
+
+    Queued in the database, not in memory, so a relay that is down, a restart or another
+    serve process never loses it. Confirmation tokens are made when the mail is sent.
+    """
+
+    __tablename__ = "signup_mails"
+    __table_args__ = (Index("ix_signup_mails_status_next", "status", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[SignupMailKind] = mapped_column(String(20))
+    email: Mapped[str] = mapped_column(String(320))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    regions: Mapped[list[str] | None] = mapped_column(JSON)
+    status: Mapped[SignupMailStatus] = mapped_column(String(20), default=SignupMailStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Throttle(Base):
+    """A named counter with a window: per-client request limits and per-address cooldowns.
+
+    In the database so that every ``digest serve`` process, and a restarted one, sees
+    the same counts.
+    """
+
+    __tablename__ = "throttles"
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -151,6 +151,13 @@ def build_issue(
         return issue, _frozen_sections(session, app.config, issue)
 
 
+def preferences_signer(config: Config) -> TokenSigner:
+    """Signs the per-subscriber "Choose your regions" links (``/preferences/{token}``)."""
+    return TokenSigner(
+        config.unsubscribe_secret, config.unsubscribe_old_secrets, purpose="preferences"
+    )
+
+
 def message_id(issue: Issue, subscriber_id: int, domain: str) -> str:
     """The stable Message-ID of one (issue, subscriber): a re-send collapses into the first."""
     return f"<{issue.edition_date:%Y%m%d}.{issue.id}.{subscriber_id}.digest@{domain}>"
@@ -210,6 +217,7 @@ def preview(
                 "",
                 f"{config.unsubscribe.base_url}/unsubscribe/PREVIEW",
                 f"<preview.{edition_date:%Y%m%d}@{renderer.domain}>",
+                f"{config.unsubscribe.base_url}/preferences/PREVIEW",
             )
         else:
             from digest.subscribers import normalize_email
@@ -236,6 +244,7 @@ def preview(
                 sub.name,
                 signer.url(config.unsubscribe.base_url, sub.id, sub.email),
                 message_id(fake_issue, sub.id, renderer.domain),
+                preferences_signer(config).url(config.unsubscribe.base_url, sub.id, sub.email),
             )
     raw = template.personalize(rcpt, dkim=load_signer(config.dkim))
     if fmt == "eml":
@@ -458,6 +467,7 @@ async def _send_async(
         engine.stop()
 
     watcher = asyncio.create_task(watch_stop()) if stop is not None else None
+    prefs = preferences_signer(config)
 
     Job = tuple[Claimed, MessageTemplate, Recipient]
 
@@ -489,7 +499,8 @@ async def _send_async(
                         continue
                     mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
                     url = signer.url(config.unsubscribe.base_url, c.subscriber_id, c.email)
-                    jobs.append((c, template, Recipient(c.email, c.name, url, mid)))
+                    prefs_url = prefs.url(config.unsubscribe.base_url, c.subscriber_id, c.email)
+                    jobs.append((c, template, Recipient(c.email, c.name, url, mid, prefs_url)))
                 for i in range(0, len(jobs), PERSONALIZE_CHUNK):
                     yield jobs[i : i + PERSONALIZE_CHUNK]
 

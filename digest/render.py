@@ -43,7 +43,7 @@ TEXT_TEMPLATE = "roundup.txt.j2"
 SUBJECT_TEMPLATE = "subject.txt.j2"
 
 # Per-subscriber fields a template may print. Their values are substituted after rendering.
-PERSONAL_FIELDS = ("name", "email", "unsubscribe_url")
+PERSONAL_FIELDS = ("name", "email", "unsubscribe_url", "preferences_url")
 NAME_FALLBACK = "there"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -53,6 +53,11 @@ def templates_dir(config: Config) -> Path:
     """Where the templates are: the configured folder, the installed package, or the checkout."""
     if config.newsletter.templates_dir is not None:
         return config.newsletter.templates_dir
+    return packaged_templates_dir()
+
+
+def packaged_templates_dir() -> Path:
+    """The templates shipped with digest: in the installed package, or the checkout."""
     installed = Path(__file__).parent / "templates"
     if installed.is_dir():
         return installed
@@ -140,6 +145,7 @@ class Recipient:
     name: str
     unsubscribe_url: str
     message_id: str
+    preferences_url: str = ""  # the "Choose your regions" link
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,12 @@ class MessageTemplate:
             ]
         )
         values = self._values(
-            {"name": name or NAME_FALLBACK, "email": one_line(rcpt.email), "unsubscribe_url": url}
+            {
+                "name": name or NAME_FALLBACK,
+                "email": one_line(rcpt.email),
+                "unsubscribe_url": url,
+                "preferences_url": one_line(rcpt.preferences_url),
+            }
         )
         body = [p if isinstance(p, bytes) else values[p] for p in self._pieces]
         if dkim is None:
@@ -331,12 +342,22 @@ class Renderer:
             "sections": sections,
             "lead": lead,
             "preheader": preheader,
-            "view_in_browser_url": None,
+            "view_in_browser_url": self.archive_url(issue.edition_date),
+            # The archive's web page of an issue: no personal links, a way to subscribe.
+            "archive": False,
+            "archive_index_url": f"{self.config.unsubscribe.base_url}/archive",
+            "subscribe_url": f"{self.config.unsubscribe.base_url}/subscribe",
             "why": (
                 f"You are receiving this because you subscribed to {self.config.newsletter.title} "
                 f"from {pub.name}."
             ),
         }
+
+    def archive_url(self, edition_date: date) -> str | None:
+        """The public web page of an issue (``digest serve``), None when the archive is off."""
+        if not self.config.archive.enabled:
+            return None
+        return f"{self.config.unsubscribe.base_url}/archive/{edition_date.isoformat()}"
 
     def subject(self, ctx: dict[str, Any]) -> str:
         """The subject line, on one line whatever the template or the feed titles do."""
@@ -370,6 +391,17 @@ class Renderer:
     def render_text(self, ctx: dict[str, Any]) -> str:
         """The text/plain part from its own template."""
         return self._render(self._text, ctx)
+
+    def web_page(self, issue: IssueContext, sections: Sequence[Section[Any]]) -> str:
+        """An issue as the archive's web page: every section, nobody's name, address or
+        links (the footer offers to subscribe instead)."""
+        ctx = self.context(issue, sections)
+        ctx["archive"] = True
+        ctx["view_in_browser_url"] = None
+        ctx["subscriber"] = _Placeholders(
+            name=NAME_FALLBACK, email="", unsubscribe_url="", preferences_url=""
+        )
+        return self.render_html(ctx)
 
     # -- the edition ------------------------------------------------------------------
 
@@ -444,3 +476,4 @@ class _Placeholders:
     name: str
     email: str
     unsubscribe_url: str
+    preferences_url: str

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -50,8 +51,12 @@ from digest.models import (
     IssueArticle,
     IssueStatus,
     MissedSend,
+    SignupMail,
+    SignupMailKind,
+    SignupMailStatus,
     Subscriber,
     SubscriberStatus,
+    Throttle,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -383,6 +388,14 @@ def add_subscribers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         session.execute(insert(Subscriber), list(rows))
 
 
+def add_subscriber_if_absent(session: Session, values: dict[str, Any]) -> bool:
+    """Insert one subscriber unless the address is stored; True when inserted.
+
+    Two concurrent confirmations of one new address insert one row, not an error.
+    """
+    return _insert_ignoring_conflict(session, Subscriber, values)
+
+
 def iter_subscribers(session: Session, batch: int = 1000) -> Iterator[Subscriber]:
     """Every subscriber in id order, fetched in keyset batches (flat memory)."""
     after = 0
@@ -642,7 +655,16 @@ def failed_deliveries(
 
 def delete_all(session: Session) -> None:
     """Empty every table (tests and benchmarks only)."""
-    for model in (Delivery, IssueArticle, Issue, Subscriber, Article, FeedState):
+    for model in (
+        Delivery,
+        IssueArticle,
+        Issue,
+        Subscriber,
+        Article,
+        FeedState,
+        SignupMail,
+        Throttle,
+    ):
         session.execute(delete(model))
     session.commit()
 
@@ -743,3 +765,200 @@ def raise_hard_bounces(session: Session, subscriber_id: int, at_least: int, thre
         )
         .values(status=SubscriberStatus.BOUNCED)
     )
+
+
+# --- archive --------------------------------------------------------------------------------
+
+# An issue is public from the moment its sending started: readers have it in their inbox,
+# and its "View in browser" link must work even while some deliveries are deferred.
+_PUBLISHED = (IssueStatus.SENDING, IssueStatus.SENT)
+
+
+def published_issues(session: Session, limit: int | None = None) -> list[Issue]:
+    """Issues whose sending has started, newest edition first."""
+    stmt = (
+        select(Issue)
+        .where(Issue.status.in_(_PUBLISHED))
+        .order_by(Issue.edition_date.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def published_issue(session: Session, edition_date: date) -> Issue | None:
+    """The issue of ``edition_date`` if its sending has started, else None."""
+    return session.scalar(
+        select(Issue).where(Issue.edition_date == edition_date, Issue.status.in_(_PUBLISHED))
+    )
+
+
+# --- signup: throttles and queued mails -----------------------------------------------------
+
+
+def _insert_ignoring_conflict(session: Session, model: Any, values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING; True when the row was inserted.
+
+    Both SQLite and PostgreSQL have it; it needs no savepoint (pysqlite's are unreliable)
+    and, unlike catching IntegrityError, leaves the transaction usable.
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if session.get_bind().dialect.name == "postgresql":
+        stmt: Any = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    result = session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))
+
+
+def claim_cooldown(session: Session, key: str, period: timedelta, now: datetime) -> bool:
+    """Start the cooldown ``key`` for ``period`` unless it is running; True when started.
+
+    Atomic across processes: of two concurrent claims exactly one wins (the row's
+    primary key, then a conditional UPDATE that PostgreSQL re-checks after waiting for
+    the other writer, and that SQLite runs alone). The caller commits.
+    """
+    if _insert_ignoring_conflict(
+        session, Throttle, {"key": key, "until": now + period, "count": 1}
+    ):
+        return True
+    result = session.execute(
+        update(Throttle)
+        .where(Throttle.key == key, Throttle.until <= now)
+        .values(until=now + period, count=1)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def hit_counter(session: Session, key: str, period: timedelta, now: datetime) -> int:
+    """Count one hit on ``key`` and return the hits in its current window (this one
+    included). A window starts with the first hit after the previous one ended.
+
+    The UPDATE locks the row until the caller commits, so concurrent hits never read
+    the same count.
+    """
+    if _insert_ignoring_conflict(
+        session, Throttle, {"key": key, "until": now + period, "count": 1}
+    ):
+        return 1
+    expired = Throttle.until <= now
+    session.execute(
+        update(Throttle)
+        .where(Throttle.key == key)
+        .values(
+            count=case((expired, 1), else_=Throttle.count + 1),
+            until=case((expired, now + period), else_=Throttle.until),
+        )
+    )
+    return int(session.scalar(select(Throttle.count).where(Throttle.key == key)) or 0)
+
+
+def throttle_until(session: Session, key: str) -> datetime | None:
+    """When the window of ``key`` ends (None when there is no such throttle)."""
+    return session.scalar(select(Throttle.until).where(Throttle.key == key))
+
+
+def prune_throttles(session: Session, now: datetime) -> int:
+    """Delete throttles whose window ended (they would restart at the next hit anyway)."""
+    result = session.execute(delete(Throttle).where(Throttle.until <= now))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def queue_signup_mail(
+    session: Session,
+    kind: SignupMailKind,
+    email: str,
+    name: str,
+    regions: list[str] | None,
+    now: datetime,
+) -> SignupMail:
+    """Queue one signup mail, due now."""
+    mail = SignupMail(
+        kind=kind,
+        email=email,
+        name=name,
+        regions=regions,
+        status=SignupMailStatus.PENDING,
+        attempts=0,
+        created_at=now,
+        next_attempt_at=now,
+    )
+    session.add(mail)
+    session.flush()
+    return mail
+
+
+def due_signup_mails(session: Session, now: datetime, limit: int) -> list[int]:
+    """Ids of pending signup mails whose time has come and that no process holds."""
+    stmt = (
+        select(SignupMail.id)
+        .where(
+            SignupMail.status == SignupMailStatus.PENDING,
+            SignupMail.next_attempt_at <= now,
+            or_(SignupMail.lease_until.is_(None), SignupMail.lease_until <= now),
+        )
+        .order_by(SignupMail.next_attempt_at, SignupMail.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def claim_signup_mail(
+    session: Session, mail_id: int, now: datetime, lease: timedelta
+) -> SignupMail | None:
+    """Take a due mail for ``lease`` (one process wins); None when another took it.
+
+    A process that dies holding it lets the lease run out, and another sends it.
+    """
+    result = session.execute(
+        update(SignupMail)
+        .where(
+            SignupMail.id == mail_id,
+            SignupMail.status == SignupMailStatus.PENDING,
+            or_(SignupMail.lease_until.is_(None), SignupMail.lease_until <= now),
+        )
+        .values(lease_until=now + lease)
+    )
+    if not getattr(result, "rowcount", 0):
+        return None
+    return session.get(SignupMail, mail_id, populate_existing=True)
+
+
+def finish_signup_mail(
+    session: Session,
+    mail_id: int,
+    status: SignupMailStatus,
+    attempts: int,
+    now: datetime,
+    error: str | None = None,
+    retry_at: datetime | None = None,
+) -> None:
+    """Record the outcome of one try: sent, failed for good, or pending until ``retry_at``."""
+    session.execute(
+        update(SignupMail)
+        .where(SignupMail.id == mail_id)
+        .values(
+            status=status,
+            attempts=attempts,
+            lease_until=None,
+            last_error=error,
+            sent_at=now if status == SignupMailStatus.SENT else None,
+            next_attempt_at=retry_at or now,
+        )
+    )
+
+
+def prune_signup_mails(session: Session, before: datetime) -> int:
+    """Delete sent and failed signup mails created before ``before`` (they hold addresses
+    and names of people who may never have confirmed)."""
+    result = session.execute(
+        delete(SignupMail).where(
+            SignupMail.status != SignupMailStatus.PENDING, SignupMail.created_at < before
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def signup_mails(session: Session) -> list[SignupMail]:
+    """Every queued signup mail, oldest first (tests and the operator's eye)."""
+    return list(session.scalars(select(SignupMail).order_by(SignupMail.id)))

@@ -23,7 +23,7 @@ import tomllib
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest import store
 from digest.errors import UsageError
-from digest.models import SubscriberStatus
+from digest.models import Subscriber, SubscriberStatus, consent_source
 
 CHUNK_SIZE: Final = 1000
 """Rows per lookup/insert/commit: large enough to amortize the round trips, small enough
@@ -41,9 +41,11 @@ that the IN (...) list stays far below SQLite's parameter limit and memory stays
 
 NAME_MAX: Final = 200  # the width of subscribers.name (and .source)
 CSV_COLUMNS: Final = ("email", "name", "regions")
-# ``export_csv`` writes a status column; accepting (and ignoring) it lets an export be
-# re-imported as is. Import never sets a status, so honouring it is not an option.
-_IGNORED_COLUMNS: Final = ("status",)
+# ``export_csv`` writes a status column and the consent record; accepting (and ignoring)
+# them lets an export be re-imported as is. Import never sets a status or a consent, so
+# honouring them is not an option.
+CONSENT_COLUMNS: Final = ("source", "subscribed_at", "confirmed_at")
+_IGNORED_COLUMNS: Final = ("status", *CONSENT_COLUMNS)
 _TOML_KEYS: Final = frozenset(CSV_COLUMNS)
 _VALUE_MAX: Final = 80
 # No legal address is longer than 254 characters; the slack allows surrounding spaces.
@@ -401,6 +403,7 @@ def _write_chunk(
                         "hard_bounces": 0,
                         "created_at": now,
                         "updated_at": now,
+                        "subscribed_at": now,
                     }
                 )
                 continue
@@ -718,18 +721,42 @@ def unsubscribe(session: Session, email_or_id: str | int, now: datetime) -> bool
     return True
 
 
-def export_csv(session: Session, out: TextIO) -> int:
-    """Write every subscriber as CSV (``email,name,regions,status``); return the row count.
+def consent_record(sub: Subscriber) -> tuple[str, str, str]:
+    """``(source, subscribed_at, confirmed_at)`` of a subscriber: ``import`` or ``signup``
+    and ISO 8601 UTC times (empty when unknown or not confirmed)."""
 
+    def iso(value: datetime | None) -> str:
+        return value.astimezone(UTC).isoformat(timespec="seconds") if value else ""
+
+    return (
+        str(consent_source(sub.source)),
+        iso(sub.subscribed_at or sub.created_at),
+        iso(sub.confirmed_at),
+    )
+
+
+def export_csv(session: Session, out: TextIO) -> int:
+    """Write every subscriber as CSV; return the row count.
+
+    Columns: ``email,name,regions,status`` and then the consent record
+    ``source,subscribed_at,confirmed_at`` (see :func:`consent_record`).
     Regions are joined by ';' (empty = every section), so the file re-imports unchanged.
     Lines end in "\\n" rather than csv's default "\\r\\n", which a text-mode stream on
     Windows would turn into "\\r\\r\\n". Subscribers are streamed in id-ordered batches;
     note that this detaches objects from ``session`` as it goes.
     """
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(("email", "name", "regions", "status"))
+    writer.writerow(("email", "name", "regions", "status", *CONSENT_COLUMNS))
     count = 0
     for sub in store.iter_subscribers(session):
-        writer.writerow((sub.email, sub.name, ";".join(sub.regions or ()), str(sub.status)))
+        writer.writerow(
+            (
+                sub.email,
+                sub.name,
+                ";".join(sub.regions or ()),
+                str(sub.status),
+                *consent_record(sub),
+            )
+        )
         count += 1
     return count

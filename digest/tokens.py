@@ -1,4 +1,5 @@
-"""Signed, opaque, rotatable tokens for the links in a message (unsubscribe, preferences).
+"""Signed, opaque, rotatable tokens for the links in a message (unsubscribe, preferences),
+and the double opt-in links of signup (:class:`ConfirmSigner`, at the end).
 
 A token names one subscriber: their id *and* a short hash of their address, encrypted and
 authenticated (Fernet: AES-128-CBC + HMAC-SHA256, from ``cryptography``), so the link
@@ -23,11 +24,12 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import itsdangerous
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from digest.errors import ConfigError, TokenError
+from digest.errors import ConfigError, ExpiredToken, TokenError
 
 _LEGACY_SALT = "digest.unsubscribe.v1"
 _ADDRESS_HASH_BYTES = 8
@@ -132,3 +134,94 @@ class TokenSigner:
     def url(self, base_url: str, subscriber_id: int, email: str) -> str:
         """The one-click unsubscribe URL served by ``digest serve``."""
         return f"{base_url}/{self.purpose}/{self.token(subscriber_id, email)}"
+
+
+# --- double opt-in links ----------------------------------------------------------------
+
+_MAX_CONFIRM_TOKEN = 4096  # longer than any token we make; refused before any decoding
+
+
+@dataclass(frozen=True)
+class SignupClaim:
+    """What a verified confirmation link asks for."""
+
+    email: str
+    name: str
+    regions: list[str] | None
+    requested_at: datetime
+    issued_at: datetime
+
+
+class ConfirmSigner:
+    """Double opt-in links: a signed payload (address, name, regions, request time) that
+    expires ``ttl`` after the mail was made.
+
+    Nothing about a pending signup is stored: the link carries it, and only a person
+    who received the mail can present it. Signed (itsdangerous, HMAC-SHA256) with the
+    unsubscribe secrets under a salt of its own, so no other token of digest verifies
+    here; ``old_secrets`` still verify after a rotation.
+    """
+
+    def __init__(
+        self, secret: str | None, ttl: timedelta, old_secrets: Sequence[str] = ()
+    ) -> None:
+        secrets = [_check(secret, "unsubscribe secret")]
+        secrets += [_check(s, "unsubscribe.old_secrets entry") for s in old_secrets]
+        self.ttl = ttl
+        # itsdangerous signs with the last key and verifies with any.
+        self._s = itsdangerous.URLSafeTimedSerializer(
+            list(reversed(secrets)),
+            salt="digest.confirm.v1",
+            signer_kwargs={"digest_method": hashlib.sha256},
+        )
+
+    def token(
+        self, email: str, name: str, regions: Sequence[str] | None, requested_at: datetime
+    ) -> str:
+        """A confirmation token; its clock starts now."""
+        payload = {
+            "e": email,
+            "n": name,
+            "r": None if regions is None else list(regions),
+            "t": int(requested_at.timestamp()),
+        }
+        return str(self._s.dumps(payload))
+
+    def verify(self, token: str) -> SignupClaim:
+        """The claim; :class:`ExpiredToken` when it is genuine but too old,
+        :class:`TokenError` when it is not genuine."""
+        if len(token) > _MAX_CONFIRM_TOKEN:
+            raise TokenError("invalid confirmation token")
+        try:
+            value, issued = self._s.loads(
+                token, max_age=int(self.ttl.total_seconds()), return_timestamp=True
+            )
+        except itsdangerous.SignatureExpired:
+            raise ExpiredToken("the confirmation link has expired") from None
+        except itsdangerous.BadData:
+            raise TokenError("invalid confirmation token") from None
+        try:
+            regions = value["r"]
+            claim = SignupClaim(
+                email=value["e"],
+                name=value["n"],
+                regions=None if regions is None else [str(r) for r in regions],
+                requested_at=datetime.fromtimestamp(int(value["t"]), UTC),
+                issued_at=issued.astimezone(UTC),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise TokenError("invalid confirmation token") from None
+        if not isinstance(claim.email, str) or not isinstance(claim.name, str):
+            raise TokenError("invalid confirmation token")
+        return claim
+
+    def url(
+        self,
+        base_url: str,
+        email: str,
+        name: str,
+        regions: Sequence[str] | None,
+        requested_at: datetime,
+    ) -> str:
+        """``{base_url}/confirm/{token}``."""
+        return f"{base_url}/confirm/{self.token(email, name, regions, requested_at)}"

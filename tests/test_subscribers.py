@@ -687,10 +687,12 @@ def test_export_csv(sessions: sessionmaker[Session]) -> None:
     out = io.StringIO()
     with sessions() as session:
         assert export_csv(session, out) == 2
+    # The first four columns stay as they were; the consent record follows.
+    stamp = NOW.astimezone(UTC).isoformat(timespec="seconds")
     assert out.getvalue().splitlines() == [
-        "email,name,regions,status",
-        'ann@example.org,"Lee, Ann",Europe;Asia,active',
-        "bob@example.org,,,unsubscribed",
+        "email,name,regions,status,source,subscribed_at,confirmed_at",
+        f'ann@example.org,"Lee, Ann",Europe;Asia,active,import,{stamp},',
+        f"bob@example.org,,,unsubscribed,import,{stamp},",
     ]
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert rows[0]["name"] == "Lee, Ann"
@@ -700,7 +702,7 @@ def test_export_of_an_empty_list_writes_the_header(sessions: sessionmaker[Sessio
     out = io.StringIO()
     with sessions() as session:
         assert export_csv(session, out) == 0
-    assert out.getvalue() == "email,name,regions,status\n"
+    assert out.getvalue() == "email,name,regions,status,source,subscribed_at,confirmed_at\n"
 
 
 def test_a_100k_row_file_is_imported_whole(sessions: sessionmaker[Session], tmp_path: Path) -> None:
