@@ -807,8 +807,8 @@ def _insert_ignoring_conflict(session: Session, model: Any, values: dict[str, An
         stmt: Any = postgresql.insert(model).values(**values).on_conflict_do_nothing()
     else:
         stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    result = session.execute(stmt)
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING, not rowcount: through the ORM, psycopg reports -1 for this statement.
+    return session.execute(stmt.returning(literal(1))).first() is not None
 
 
 def claim_cooldown(session: Session, key: str, period: timedelta, now: datetime) -> bool:
