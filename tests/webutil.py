@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
@@ -170,3 +175,76 @@ def send_issue(env: WebEnv, emails: list[str] | None = None) -> None:
     for email in emails or []:
         env.add(email, SubscriberStatus.ACTIVE, name="Archive Reader")
     pipeline.send(env.app, datetime.fromisoformat(EDITION_DATE).date())
+
+
+# --- a real `digest serve` process --------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    """A `digest serve` process on a loopback port, its log in a file."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def use_base_url(config_path: Path, port: int) -> None:
+    """Point [unsubscribe] base_url at a local `digest serve` on ``port``."""
+    text = config_path.read_text(encoding="utf-8").replace(
+        f'base_url = "{BASE}"', f'base_url = "http://127.0.0.1:{port}"'
+    )
+    config_path.write_text(text, encoding="utf-8")
+
+
+def start_server(config_path: Path, port: int, log: Path) -> Server:
+    """Start `python -m digest serve` and wait until /healthz answers."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "digest",
+                "--config",
+                str(config_path),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"digest serve exited with {process.returncode}:\n{server.log_text()}")
+        try:
+            return httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, "digest serve to answer /healthz", timeout=60)
+    except BaseException:
+        server.stop()
+        raise
+    return server
