@@ -1,4 +1,3 @@
-
 """`digest serve` as a real process (uvicorn on a loopback port), on SQLite and PostgreSQL.
 
 What only a real server shows: uvicorn must not believe X-Forwarded-For from 127.0.0.1
@@ -22,7 +21,6 @@ from tests.webutil import (
     WebEnv,
     make_env,
     start_server,
-    use_base_url,
     wait_for,
 )
 
@@ -55,7 +53,6 @@ def test_two_serve_processes_share_limits_cooldowns_and_ignore_spoofed_headers(
     env: WebEnv, tmp_path: Path
 ) -> None:
     port_a, port_b = free_port(), free_port()
-    use_base_url(env.config_path, port_a)
     a = start_server(env.config_path, port_a, tmp_path / "a.log")
     try:
         b = start_server(env.config_path, port_b, tmp_path / "b.log")
@@ -89,9 +86,8 @@ def test_a_signup_queued_while_the_relay_is_down_survives_a_restart(
 ) -> None:
     smtp_port = free_port()  # no relay listens here yet
     recorder = Recorder()
-    env = make_env(tmp_path, (_PortOnly(smtp_port), recorder), db_url)  # type: ignore[arg-type]
     port = free_port()
-    use_base_url(env.config_path, port)
+    env = make_env(tmp_path, (_PortOnly(smtp_port), recorder), db_url, serve_port=port)  # type: ignore[arg-type]
     controller = None
     try:
         first = start_server(env.config_path, port, tmp_path / "first.log")

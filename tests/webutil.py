@@ -106,10 +106,18 @@ class WebEnv:
 
 
 def make_env(
-    tmp_path: Path, smtp: tuple[Controller, Recorder], db_url: str | None, extra: str = ""
+    tmp_path: Path,
+    smtp: tuple[Controller, Recorder],
+    db_url: str | None,
+    extra: str = "",
+    serve_port: int | None = None,
 ) -> WebEnv:
+    """Config, initialised database and the week's articles; ``serve_port`` points
+    base_url at a local `digest serve`."""
     controller, recorder = smtp
     path = write_config(tmp_path, port=controller.port, extra=extra)
+    if serve_port is not None:
+        use_base_url(path, serve_port)
     if db_url is not None:
         text = path.read_text(encoding="utf-8").replace(
             'url = "sqlite:///digest.db"', f'url = "{db_url}"'
