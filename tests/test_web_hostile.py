@@ -450,3 +450,17 @@ def test_the_unsubscribe_page_still_works_with_a_round_up_link(sqlite_env: WebEn
     sub = env.subscriber("reader@example.org")
     assert sub is not None and sub.status == SubscriberStatus.UNSUBSCRIBED
     assert pipeline.status(env.app).subscribers["unsubscribed"] == 1
+
+
+def test_a_trusted_proxy_that_is_not_an_address_is_a_config_error(
+    tmp_path: Path, feed_file: Path
+) -> None:
+    from digest.config import load_config
+    from digest.errors import ConfigError
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, extra='\n[signup]\ntrusted_proxies = ["proxy.local"]\n')
+    with pytest.raises(
+        ConfigError, match=r"signup\.trusted_proxies.*'proxy\.local'.*10\.0\.0\.0/8"
+    ):
+        load_config(path)
