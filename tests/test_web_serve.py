@@ -18,6 +18,7 @@ from digest.models import SignupMailStatus
 from tests.conftest import Recorder, free_port
 from tests.test_postgres import pg_url  # noqa: F401  (fixture used below)
 from tests.webutil import (
+    PortOnly,
     WebEnv,
     make_env,
     start_server,
@@ -87,7 +88,7 @@ def test_a_signup_queued_while_the_relay_is_down_survives_a_restart(
     smtp_port = free_port()  # no relay listens here yet
     recorder = Recorder()
     port = free_port()
-    env = make_env(tmp_path, (_PortOnly(smtp_port), recorder), db_url, serve_port=port)  # type: ignore[arg-type]
+    env = make_env(tmp_path, (PortOnly(smtp_port), recorder), db_url, serve_port=port)  # type: ignore[arg-type]
     controller = None
     try:
         first = start_server(env.config_path, port, tmp_path / "first.log")
@@ -111,10 +112,3 @@ def test_a_signup_queued_while_the_relay_is_down_survives_a_restart(
         if controller is not None:
             controller.stop()
         env.app.engine.dispose()
-
-
-class _PortOnly:
-    """Stands in for a Controller whose server is not started yet (only the port)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port

@@ -23,6 +23,7 @@ from digest.signup import MAIL_COOLDOWN
 from tests.conftest import Recorder, free_port
 from tests.test_postgres import pg_url  # noqa: F401  (fixture used by web_env)
 from tests.webutil import (
+    PortOnly,
     WebEnv,
     body_text,
     link,
@@ -267,7 +268,7 @@ def test_a_relay_that_is_down_loses_nothing(
 ) -> None:
     port = free_port()  # nothing listens here yet
     recorder = Recorder()
-    env = make_env(tmp_path, (_PortOnly(port), recorder), None)  # type: ignore[arg-type]
+    env = make_env(tmp_path, (PortOnly(port), recorder), None)  # type: ignore[arg-type]
     caplog.set_level(logging.WARNING, logger="digest.serve")
     controller = None
     try:
@@ -324,10 +325,3 @@ def test_a_mail_is_taken_by_one_process_only(sqlite_env: WebEnv) -> None:
     later = now + timedelta(minutes=6)
     with env.app.sessions.begin() as session:
         assert store.due_signup_mails(session, later, 10) == [mail_id]
-
-
-class _PortOnly:
-    """Stands in for a Controller whose server is not started yet (only the port)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port

@@ -41,6 +41,13 @@ def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None
         time.sleep(0.02)
 
 
+class PortOnly:
+    """Stands in for an SMTP Controller not started yet: a relay that is down (the port)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
 @dataclass
 class WebEnv:
     """A database with the week's articles, its config path, and the SMTP recorder."""
