@@ -325,3 +325,30 @@ def test_a_mail_is_taken_by_one_process_only(sqlite_env: WebEnv) -> None:
     later = now + timedelta(minutes=6)
     with env.app.sessions.begin() as session:
         assert store.due_signup_mails(session, later, 10) == [mail_id]
+
+
+def test_signup_mails_are_dkim_signed_and_plain(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    import dkim
+
+    from digest.dkimsign import keygen
+
+    key = tmp_path / "dkim.pem"
+    txt = keygen(key).encode()
+    extra = (
+        f'\n[dkim]\ndomain = "news.example.org"\nselector = "s1"\nprivate_key_path = "{key.name}"\n'
+    )
+    env = make_env(tmp_path, smtp_server, None, extra)
+    try:
+        with env.client() as client:
+            subscribe(client, "signed@example.org", name="Ann <i>")
+            wait_for(lambda: env.smtp.to("signed@example.org"), "the confirmation mail")
+        received = env.smtp.to("signed@example.org")[0]
+        assert dkim.verify(received.data, dnsfunc=lambda _name, timeout=5: txt)
+        msg = received.message
+        assert msg["To"] == "signed@example.org"  # the unconfirmed name stays out of headers
+        assert msg.get_content_type() == "text/plain" and msg.get_content_charset() == "utf-8"
+        assert b"Ann" not in received.data
+    finally:
+        env.app.engine.dispose()
