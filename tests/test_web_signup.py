@@ -352,3 +352,18 @@ def test_signup_mails_are_dkim_signed_and_plain(
         assert b"Ann" not in received.data
     finally:
         env.app.engine.dispose()
+
+
+def test_signup_disabled_means_no_form_and_no_links(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    env = make_env(tmp_path, smtp_server, None, "\n[signup]\nenabled = false\n")
+    try:
+        with env.client() as client:
+            assert client.get("/subscribe").status_code == 404
+            assert subscribe(client, "a@example.org").status_code == 404
+            archive = client.get("/archive")
+            assert archive.status_code == 200 and "subscribe" not in archive.text.lower()
+        assert env.mails() == []
+    finally:
+        env.app.engine.dispose()
