@@ -162,9 +162,7 @@ class ConfirmSigner:
     here; ``old_secrets`` still verify after a rotation.
     """
 
-    def __init__(
-        self, secret: str | None, ttl: timedelta, old_secrets: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, secret: str | None, ttl: timedelta, old_secrets: Sequence[str] = ()) -> None:
         secrets = [_check(secret, "unsubscribe secret")]
         secrets += [_check(s, "unsubscribe.old_secrets entry") for s in old_secrets]
         self.ttl = ttl

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from digest import pipeline, store
 from digest.models import Subscriber, SubscriberStatus
-from digest.tokens import BoundTokenSigner, ConfirmSigner, TokenSigner
+from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web import create_app
 from digest.web.clientip import client_address, trusted_networks
 from tests.conftest import Recorder
@@ -39,6 +39,7 @@ from tests.webutil import (
 
 SECRET = "test-secret-0123456789abcdef"  # write_config's [unsubscribe] secret
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+PREFS = TokenSigner(SECRET, purpose="preferences")
 
 
 # --- the client address ---------------------------------------------------------------------
@@ -258,8 +259,8 @@ def test_confirmation_tokens_that_are_not_genuine_change_nothing(sqlite_env: Web
         "foreign-secret": ConfirmSigner("another-secret-0123456789", timedelta(hours=72)).token(
             "victim@example.org", "", None, datetime.now(UTC)
         ),
-        "preferences-token": BoundTokenSigner(SECRET).token(1, "victim@example.org"),
-        "unsubscribe-token": TokenSigner(SECRET).token(1),
+        "preferences-token": PREFS.token(1, "victim@example.org"),
+        "unsubscribe-token": TokenSigner(SECRET).token(1, "victim@example.org"),
         "garbage": "x" * 5000,
     }
     with env.client() as client:
@@ -284,18 +285,18 @@ def test_preference_tokens_that_are_not_genuine_change_nothing(sqlite_env: WebEn
     env = sqlite_env
     sub_id = env.add("own@example.org", SubscriberStatus.ACTIVE, name="Own")
     other = env.add("other@example.org", SubscriberStatus.ACTIVE)
-    good = BoundTokenSigner(SECRET).token(sub_id, "own@example.org")
+    good = PREFS.token(sub_id, "own@example.org")
     forged = {
-        "tampered": BoundTokenSigner(SECRET).token(other, "own@example.org")[:-3] + good[-3:],
-        "foreign-secret": BoundTokenSigner("another-secret-0123456789").token(
+        "tampered": PREFS.token(other, "own@example.org")[:-3] + good[-3:],
+        "foreign-secret": TokenSigner("another-secret-0123456789", purpose="preferences").token(
             sub_id, "own@example.org"
         ),
-        "other-purpose": BoundTokenSigner(SECRET, purpose="unsubscribe").token(
-            sub_id, "own@example.org"
+        "confirm-token": ConfirmSigner(SECRET, timedelta(hours=1)).token(
+            "own@example.org", "", None, datetime.now(UTC)
         ),
-        "unsubscribe-token": TokenSigner(SECRET).token(sub_id),
-        "someone-else's-address": BoundTokenSigner(SECRET).token(other, "own@example.org"),
-        "no-such-subscriber": BoundTokenSigner(SECRET).token(999, "own@example.org"),
+        "unsubscribe-token": TokenSigner(SECRET).token(sub_id, "own@example.org"),
+        "someone-else's-address": PREFS.token(other, "own@example.org"),
+        "no-such-subscriber": PREFS.token(999, "own@example.org"),
     }
     before = env.snapshot()
     with env.client() as client:
@@ -326,7 +327,7 @@ def test_preference_tokens_that_are_not_genuine_change_nothing(sqlite_env: WebEn
 def test_bad_preference_fields_are_named_and_nothing_is_saved(sqlite_env: WebEnv) -> None:
     env = sqlite_env
     sub_id = env.add("own@example.org", SubscriberStatus.ACTIVE, name="Own")
-    token = BoundTokenSigner(SECRET).token(sub_id, "own@example.org")
+    token = PREFS.token(sub_id, "own@example.org")
     before = env.snapshot()
     with env.client() as client:
         r = client.post(f"/preferences/{token}", data={"name": "<i>x</i>", "regions": ["Mars"]})
@@ -382,7 +383,7 @@ def test_link_scanners_that_only_get_change_nothing(web_env: WebEnv) -> None:
 def test_security_headers_on_every_response(sqlite_env: WebEnv) -> None:
     env = sqlite_env
     send_issue(env, ["reader@example.org"])
-    token = TokenSigner(SECRET).token(1)
+    token = TokenSigner(SECRET).token(1, "reader@example.org")
     with env.client() as client:
         responses = {
             "form": client.get("/subscribe"),

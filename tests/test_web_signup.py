@@ -367,3 +367,33 @@ def test_signup_disabled_means_no_form_and_no_links(
         assert env.mails() == []
     finally:
         env.app.engine.dispose()
+
+
+def test_with_an_outbox_signup_mails_land_in_the_maildir(tmp_path: Path, feed_file: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from digest.config import load_config
+    from digest.web import create_app
+    from tests.test_outbox import maildir_files, outbox_config
+    from tests.webutil import FAST_MAILER, PEER
+
+    config = load_config(outbox_config(tmp_path))
+    pipeline.init_db(config)
+    app = pipeline.open_app(config)
+    try:
+        web = create_app(config, app.sessions, mailer_options=FAST_MAILER)
+        with TestClient(web, client=PEER) as client:
+            assert subscribe(client, "boxed@example.org").status_code == 200
+            wait_for(
+                lambda: (
+                    (tmp_path / "outbox" / "new").is_dir()
+                    and any((tmp_path / "outbox" / "new").iterdir())
+                ),
+                "the mail in the outbox",
+            )
+        files = maildir_files(tmp_path / "outbox")
+        assert len(files) == 1
+        data = files[0].read_bytes()
+        assert b"To: boxed@example.org" in data and b"/confirm/" in data
+    finally:
+        app.engine.dispose()

@@ -35,11 +35,12 @@ from starlette.routing import Route
 from digest.config import Config
 from digest.errors import DigestError
 from digest.render import packaged_templates_dir
-from digest.tokens import BoundTokenSigner, ConfirmSigner, TokenSigner
+from digest.send import TransportFactory, transport_factory
+from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web import archive, preferences, signup, unsubscribe
 from digest.web.clientip import trusted_networks
 from digest.web.context import Web
-from digest.web.mailer import SignupMailer, TransportFactory, default_transports
+from digest.web.mailer import SignupMailer
 from digest.web.middleware import SECURITY_HEADERS, Guard
 from digest.web.pages import Pages
 
@@ -62,15 +63,16 @@ def create_app(
 ) -> Starlette:
     """The ASGI app; ``uvicorn`` serves it, tests drive it with Starlette's TestClient.
 
-    ``transports`` makes the relay connections for signup mails (default: the configured
-    SMTP relay). The signup mailer runs as a background task for the app's lifetime
-    (ASGI lifespan), so it runs under uvicorn and in a TestClient used as a context
-    manager. ``mailer_options`` passes poll and retry timings to it (tests).
+    ``transports`` makes the connections signup mails go through (default: the configured
+    ``[outbox]`` or ``[smtp]``, as for the round-ups). The signup mailer runs as a
+    background task for the app's lifetime (ASGI lifespan), so it runs under uvicorn and
+    in a TestClient used as a context manager. ``mailer_options`` passes poll and retry
+    timings to it (tests).
     """
     pages = Pages(config)
     secret = config.unsubscribe_secret
-    old_secrets: tuple[str, ...] = ()
-    prefs = BoundTokenSigner(secret, old_secrets, purpose="preferences")
+    old_secrets = config.unsubscribe_old_secrets
+    prefs = TokenSigner(secret, old_secrets, purpose="preferences")
     confirm = ConfirmSigner(secret, timedelta(hours=config.signup.confirm_ttl_hours), old_secrets)
     mailer = SignupMailer(
         config,
@@ -78,14 +80,14 @@ def create_app(
         pages,
         confirm,
         prefs,
-        transports or default_transports(config),
+        transports or transport_factory(config),
         **(mailer_options or {}),
     )
     web = Web(
         config=config,
         sessions=sessions,
         pages=pages,
-        unsubscribe=TokenSigner(secret),
+        unsubscribe=TokenSigner(secret, old_secrets),
         preferences=prefs,
         confirm=confirm,
         trusted_proxies=trusted_networks(config.signup.trusted_proxies),

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from digest.config import Config
-from digest.tokens import BoundTokenSigner, ConfirmSigner, TokenSigner
+from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web.clientip import Network, client_address
 from digest.web.pages import Pages
 
@@ -23,7 +23,7 @@ class Web:
     sessions: sessionmaker[Session]
     pages: Pages
     unsubscribe: TokenSigner
-    preferences: BoundTokenSigner
+    preferences: TokenSigner
     confirm: ConfirmSigner
     trusted_proxies: tuple[Network, ...]
     wake_mailer: Callable[[], None]

@@ -2,7 +2,8 @@
 
 A signup request only queues its mail in the database (``signup_mails``) and rings
 :meth:`SignupMailer.wake`; this task sends it within seconds through the configured
-relay. Because the queue is in the database:
+transport (the ``[smtp]`` relay or the ``[outbox]`` Maildir, as
+:func:`digest.send.transport_factory` picks). Because the queue is in the database:
 
 * a relay that is down loses nothing: the mail is retried with exponential backoff (one
   log line per failed try saying when the next one is), until it is older than the
@@ -21,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -35,8 +35,8 @@ from digest.config import Config
 from digest.dkimsign import DKIMSigner, load_signer
 from digest.errors import DeliveryError, PermanentDeliveryError, SMTPUnavailableError
 from digest.models import SignupMail, SignupMailKind, SignupMailStatus, SubscriberStatus
-from digest.send import SMTPTransport, Transport
-from digest.tokens import BoundTokenSigner, ConfirmSigner
+from digest.send import Transport, TransportFactory
+from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web.pages import Pages
 
 log = logging.getLogger("digest.serve")
@@ -44,16 +44,6 @@ log = logging.getLogger("digest.serve")
 BATCH: Final = 20
 KEEP_DONE: Final = timedelta(days=7)  # sent/failed rows hold addresses; not kept longer
 PRUNE_EVERY: Final = timedelta(minutes=10)
-
-TransportFactory = Callable[[], Transport]
-
-
-def default_transports(config: Config) -> TransportFactory:
-    """The relay the round-ups go through.
-
-    One place to swap when the configured transport factory (SMTP or outbox) exists.
-    """
-    return lambda: SMTPTransport(config.smtp, config.smtp_password)
 
 
 class SignupMailer:
@@ -65,7 +55,7 @@ class SignupMailer:
         sessions: sessionmaker[Session],
         pages: Pages,
         confirm: ConfirmSigner,
-        preferences: BoundTokenSigner,
+        preferences: TokenSigner,
         transports: TransportFactory,
         *,
         poll_seconds: float = 2.0,

@@ -63,7 +63,7 @@ def routes(web: Web) -> list[Route]:
             errors=errors or {},
             saved=saved,
             token=request.path_params["token"],
-            unsubscribe_token=web.unsubscribe.token(sub.id),
+            unsubscribe_token=web.unsubscribe.token(sub.id, sub.email),
             noindex=True,
         )
 

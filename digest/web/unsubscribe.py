@@ -6,8 +6,9 @@
   signed token is the whole authorisation, as RFC 8058 intends.
 * ``GET /unsubscribe/{token}``: only a page with a confirm button. Link scanners and
   mail-security proxies follow every GET in a message, so a GET must never unsubscribe.
-* A bad token gets the same 400 page whatever is wrong with it, revealing nothing about
-  who is or is not subscribed.
+* A bad token gets the same 400 page whatever is wrong with it (forged, foreign, of
+  another purpose, or naming an id that no longer has the address it was made for),
+  revealing nothing about who is or is not subscribed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from digest import store
 from digest.errors import TokenError
 from digest.subscribers import unsubscribe
 from digest.web.context import Web
@@ -41,10 +43,22 @@ def routes(web: Web) -> list[Route]:
     """The unsubscribe routes."""
     title = web.config.newsletter.title
 
-    def confirm(request: Request) -> Response:
+    def subscriber_id(request: Request) -> int | None:
+        """The id the token names, if it verifies and still names that address.
+
+        A token made for an address the id no longer has (the address changed) acts on
+        nobody.
+        """
         try:
-            web.unsubscribe.verify(request.path_params["token"])
+            claim = web.unsubscribe.verify(request.path_params["token"])
         except TokenError:
+            return None
+        with web.sessions() as session:
+            sub = store.subscriber_by_id(session, claim.subscriber_id)
+            return sub.id if sub is not None and claim.matches(sub.email) else None
+
+    def confirm(request: Request) -> Response:
+        if subscriber_id(request) is None:
             return bad_link(web, request)
         return web.pages.page(
             request,
@@ -56,12 +70,11 @@ def routes(web: Web) -> list[Route]:
         )
 
     def do_unsubscribe(request: Request) -> Response:
-        try:
-            subscriber_id = web.unsubscribe.verify(request.path_params["token"])
-        except TokenError:
+        who = subscriber_id(request)
+        if who is None:
             return bad_link(web, request)
         with web.sessions() as session:
-            unsubscribe(session, subscriber_id, datetime.now(UTC))
+            unsubscribe(session, who, datetime.now(UTC))
             session.commit()
         return web.pages.page(
             request,

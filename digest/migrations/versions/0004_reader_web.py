@@ -1,7 +1,7 @@
 """reader web: consent record, queued signup mails, throttles
 
 Revision ID: 0004_reader_web
-Revises: 0002
+Revises: 0003_review_fixes
 Create Date: 2026-11-29 20:00:00
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import digest.models
 
 revision = "0004_reader_web"
-down_revision = "0002"
+down_revision = "0003_review_fixes"
 branch_labels = None
 depends_on = None
 
