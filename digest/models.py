@@ -125,6 +125,9 @@ class Article(Base):
     dek: Mapped[str] = mapped_column(Text, default="")
     authors: Mapped[list[str]] = mapped_column(JSON, default=list)
     image_url: Mapped[str | None] = mapped_column(String(2048))
+    # The photographer or agency, from the feed (Media RSS <media:credit>), printed under
+    # the image as on the publication's site.
+    image_credit: Mapped[str | None] = mapped_column(String(300))
     categories: Mapped[list[str]] = mapped_column(JSON, default=list)
     published_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     feed: Mapped[str] = mapped_column(String(2048))
@@ -168,6 +171,12 @@ class Issue(Base):
     subject: Mapped[str] = mapped_column(Text)
     built_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Editorial state (see editorial.py): the editor's lead story, their Markdown note and
+    # the approval. Any edit clears approved_at, so an approval covers what was seen.
+    lead_article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+    note: Mapped[str | None] = mapped_column(Text)
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    approved_by: Mapped[str | None] = mapped_column(String(320))
 
 
 class IssueArticle(Base):

@@ -209,18 +209,24 @@ def test_upgrading_keeps_every_row_and_ids_are_never_reused(tmp_path: Path) -> N
     sessions = store.session_factory(engine)
     now = datetime.now(UTC)
     with sessions() as session:
-        issue = store.create_issue(session, date(2026, 11, 27), "s", [], now)
+        # The issues table of 0002, written as SQL: the model has columns added since.
+        session.execute(
+            text(
+                "INSERT INTO issues (id, edition_date, status, subject, built_at)"
+                " VALUES (1, '2026-11-27', 'ready', 's', '2026-11-27 12:00:00')"
+            )
+        )
         session.execute(
             insert(Subscriber), [subscriber_row(f"r{i}@example.org", now) for i in range(3)]
         )
-        assert store.create_deliveries(session, issue.id) == 3
+        assert store.create_deliveries(session, 1) == 3
         session.commit()
     assert store.migrate(engine) == store.head_revision()
     with sessions() as session:
         assert [s.email for s in store.iter_subscribers(session)] == [
             f"r{i}@example.org" for i in range(3)
         ]
-        assert store.delivery_counts(session, issue.id)["pending"] == 3
+        assert store.delivery_counts(session, 1)["pending"] == 3
         last = store.subscriber_by_email(session, "r2@example.org")
         assert last is not None
         session.execute(delete(Delivery).where(Delivery.subscriber_id == last.id))
@@ -234,3 +240,56 @@ def test_upgrading_keeps_every_row_and_ids_are_never_reused(tmp_path: Path) -> N
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
     engine.dispose()
+
+
+def test_upgrading_keeps_issues_their_selection_and_the_ledger(tmp_path: Path) -> None:
+    """Batch migrations rebuild `issues`; with SQLite's foreign keys on, dropping the old
+    table cascaded into issue_articles and deliveries and emptied them."""
+    from alembic import command
+
+    engine = store.open_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    command.upgrade(store._alembic_config(engine), "0002")
+    now = "2026-11-27 12:00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO articles (id, link, title, dek, authors, categories, published_at,"
+                " feed, first_seen_at) VALUES (1, 'https://n.example/a', 'A & 🦊', '', '[]',"
+                " '[]', :t, 'f', :t)"
+            ),
+            {"t": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO subscribers (id, email, name, status, source, hard_bounces,"
+                " created_at, updated_at) VALUES (1, 'a@example.org', '', 'active', 't', 0, :t, :t)"
+            ),
+            {"t": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO issues (id, edition_date, status, subject, built_at)"
+                " VALUES (1, '2026-11-27', 'sent', 's', :t)"
+            ),
+            {"t": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO issue_articles (issue_id, article_id, section, section_position,"
+                " position) VALUES (1, 1, 'Europe', 0, 0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO deliveries (issue_id, subscriber_id, status, attempts)"
+                " VALUES (1, 1, 'sent', 1)"
+            )
+        )
+    store.migrate(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM deliveries")).scalar() == 1
+        assert conn.execute(text("SELECT count(*) FROM issue_articles")).scalar() == 1
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1  # back on afterwards
+    sessions = store.session_factory(engine)
+    with sessions() as session:
+        assert [a.title for _, arts in store.issue_sections(session, 1) for a in arts] == ["A & 🦊"]
