@@ -276,15 +276,32 @@ def unsubscribe(obj: Obj, email: str) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write to FILE instead of stdout.",
 )
+@click.option("--serve", is_flag=True, help="Open a live preview page on 127.0.0.1 instead.")
+@click.option("--port", default=8090, show_default=True, help="Port of the --serve page.")
 @pass_obj
 def preview(
-    obj: Obj, date_str: str | None, subscriber: str | None, fmt: str, out: Path | None
+    obj: Obj,
+    date_str: str | None,
+    subscriber: str | None,
+    fmt: str,
+    out: Path | None,
+    serve: bool,
+    port: int,
 ) -> None:
     """Render exactly what `send` would send for a date; sends and records nothing.
+
+    --serve opens a local page instead: each edition and subscriber, desktop and mobile
+    widths, the plain text, reloading when a template or the issue changes.
 
     Example: digest preview --date 2026-11-27 --out roundup.html
     """
     config = obj.config
+    if serve:
+        from digest.web.preview import serve_preview
+
+        click.echo(f"digest preview: http://127.0.0.1:{port}/  (Ctrl-C to stop)", err=True)
+        serve_preview(obj.app(), _date(date_str, config) if date_str else None, port)
+        return
     data = pipeline.preview(obj.app(), _date(date_str, config), subscriber, fmt)  # type: ignore[arg-type]
     if out is None:
         sys.stdout.buffer.write(data)
@@ -298,26 +315,50 @@ def preview(
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent; send and record nothing.")
 @quiet_option
+@click.option("--test", is_flag=True, help="Send test copies to ADDRESS… only (at most 10).")
+@click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
 @pass_obj
-def send(obj: Obj, date_str: str | None, dry_run: bool, quiet: bool) -> None:
+def send(
+    obj: Obj,
+    date_str: str | None,
+    dry_run: bool,
+    quiet: bool,
+    test: bool,
+    addresses: tuple[str, ...],
+) -> None:
     """Build (once) and send a date's round-up to every active subscriber not yet served.
 
     Safe to re-run: the delivery ledger sends nothing twice. Exit 1 when a delivery
-    failed permanently or the SMTP server could not be used.
+    failed permanently or the SMTP server could not be used. With [editorial]
+    approval = "required", an issue nobody approved is not sent (exit 1).
+
+    --test ADDRESS…: a copy of the issue (draft or approved) to those addresses, as a
+    subscriber of every region gets it, subject prefixed "[TEST] "; no ledger rows.
 
     Example: digest send --date 2026-11-27
     """
+    from digest import cli_editorial
+    from digest.errors import AwaitingApproval, UsageError
     from digest.progress import meter
 
     config = obj.config
     edition = _date(date_str, config)
+    if test:
+        cli_editorial.send_tests(obj, edition, addresses)
+        return
+    if addresses:
+        raise UsageError(f"unexpected {addresses[0]!r}: addresses are for `digest send --test`")
     app = obj.app()
-    with meter("send", "messages", quiet=quiet or dry_run) as m:
+    try:
+        with meter("send", "messages", quiet=quiet or dry_run) as m:
 
-        def progress(stats: SendStats) -> None:
-            m.update(stats.done, stats.total)
+            def progress(stats: SendStats) -> None:
+                m.update(stats.done, stats.total)
 
-        report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
+            report = pipeline.send(app, edition, dry_run=dry_run, progress=progress)
+    except AwaitingApproval as exc:
+        click.echo(str(exc), err=True)  # the whole instruction, as it stands
+        sys.exit(1)
     if report.dry_run:
         click.echo(f"round-up {report.edition_date}: {report.subject}")
         click.echo(
@@ -585,6 +626,14 @@ def _run_once(config: Config, edition: date, quiet: bool) -> None:
     code = _print_send(report.send, config, brief=quiet)
     sys.exit(code or (0 if report.ok else 1))
 
+
+def _register_commands() -> None:
+    from digest import cli_editorial
+
+    cli_editorial.register(main)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -218,6 +218,29 @@ class DKIM(_Section):
     private_key_env: str | None = None
 
 
+class Editorial(_Section):
+    """The editor's week: drafts ahead of the send, approval and test copies."""
+
+    approval: Literal["auto", "required"] = "auto"
+    draft_ahead_hours: float = Field(default=24, ge=0, le=24 * 6)
+    editors: list[str] = Field(default=[], max_length=10)
+
+    @field_validator("editors")
+    @classmethod
+    def _addresses(cls, editors: list[str]) -> list[str]:
+        from digest.subscribers import normalize_email
+
+        out: list[str] = []
+        for value in editors:
+            try:
+                address = normalize_email(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an email address: {exc}") from None
+            if address not in out:
+                out.append(address)
+        return out
+
+
 class Config(_Section):
     """The whole configuration; see ``config.example.toml`` for every key."""
 
@@ -233,6 +256,7 @@ class Config(_Section):
     subscribers: list[SubscriberEntry] = []
     dkim: DKIM | None = None
     outbox: Outbox | None = None
+    editorial: Editorial = Editorial()
     # Set by load_config, not by the file: where relative paths were resolved and secrets
     # read from the environment at load time.
     path: Path | None = None

@@ -16,6 +16,8 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
     │   └── ExpiredToken             a genuine confirmation link past its lifetime
     ├── NothingToSend                the week has no articles (run ``digest fetch``)
     ├── SendInProgress               another ``digest send`` holds this issue
+    ├── AwaitingApproval             approval is required and the issue has none yet
+    ├── EditRefused                  exit 2: the issue's sending has started; it is final
     └── DeliveryError                one SMTP delivery went wrong
         ├── TransientDeliveryError   4xx reply, dropped connection, timeout: retry later
         │   └── AmbiguousDeliveryError  the reply to the final "." never came
@@ -73,6 +75,20 @@ class NothingToSend(DigestError):
 
 class SendInProgress(DigestError):
     """Another sender holds the lock for this issue."""
+
+
+class AwaitingApproval(DigestError):
+    """``[editorial] approval = "required"`` and nobody approved this issue yet.
+
+    The message is the whole instruction: ``issue D awaits approval: digest issue approve
+    --date D``.
+    """
+
+
+class EditRefused(DigestError):
+    """An edit of an issue whose first message has left: readers already have it."""
+
+    exit_code = 2
 
 
 class DeliveryError(DigestError):

@@ -44,6 +44,7 @@ MAX_FEED_BYTES = 10 * 1024 * 1024
 MAX_REDIRECTS = 5
 TIMEOUT_SECONDS = 30.0
 DEK_LENGTH = 300
+CREDIT_LENGTH = 200  # models.Article.image_credit holds 300
 # Column widths in models.py: PostgreSQL enforces them, so longer values must not reach it.
 MAX_URL_LENGTH = 2048
 MAX_ETAG_LENGTH = 512
@@ -148,6 +149,7 @@ class ParsedArticle:
     image_url: str | None
     categories: list[str]
     published_at: datetime
+    image_credit: str | None = None
 
 
 class _Rejected(Exception):
@@ -247,16 +249,31 @@ def _article(entry: Mapping[str, Any], base: str) -> ParsedArticle:
         contents = entry.get("content") or []
         summary = _str(contents[0].get("value")) if contents else ""
 
+    image_url = _image(entry, base)
     return ParsedArticle(
         link=link,
         guid=guid,
         title=title,
         dek=_cut(_plain_text(summary), DEK_LENGTH),
         authors=_authors(entry),
-        image_url=_image(entry, base),
+        image_url=image_url,
         categories=_unique(_plain_text(_str(tag.get("term"))) for tag in entry.get("tags") or []),
         published_at=published_at,
+        image_credit=_credit(entry) if image_url else None,
     )
+
+
+def _credit(entry: Mapping[str, Any]) -> str | None:
+    """Who made the picture: Media RSS ``<media:credit>`` (a photographer's before an
+    agency's), else the item's ``credit`` field, as plain text."""
+    credits = [c for c in entry.get("media_credit") or [] if isinstance(c, Mapping)]
+    # Media RSS allows several credits with roles; the photographer is what sites print.
+    credits.sort(key=lambda c: _str(c.get("role")).lower() not in ("photographer", ""))
+    for value in [*(_str(c.get("content")) for c in credits), _str(entry.get("credit"))]:
+        text = _plain_text(value)
+        if text:
+            return _cut(text, CREDIT_LENGTH)
+    return None
 
 
 def _resolve(base: str, ref: str, what: str) -> str:
@@ -522,6 +539,7 @@ def _store(session: Session, parsed: ParsedArticle, feed: str, now: datetime) ->
                 dek=parsed.dek,
                 authors=list(parsed.authors),
                 image_url=parsed.image_url,
+                image_credit=parsed.image_credit,
                 categories=list(parsed.categories),
                 published_at=parsed.published_at,
                 feed=feed,
@@ -547,6 +565,7 @@ def _store(session: Session, parsed: ParsedArticle, feed: str, now: datetime) ->
             "dek": parsed.dek,
             "authors": list(parsed.authors),
             "image_url": parsed.image_url,
+            "image_credit": parsed.image_credit,
             "published_at": parsed.published_at,
         }
     changed = False

@@ -12,9 +12,9 @@ from datetime import UTC, date, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
 
-from digest import pipeline
-from digest.config import load_config
-from digest.errors import DigestError, NothingToSend
+from digest import editorial, pipeline
+from digest.config import Config, load_config
+from digest.errors import AwaitingApproval, DigestError, NothingToSend
 
 log = logging.getLogger("digest.jobs")
 
@@ -24,26 +24,40 @@ log = logging.getLogger("digest.jobs")
 SHUTDOWN = threading.Event()
 
 
+def latest_firing(trigger: CronTrigger, now: datetime) -> datetime:
+    """The latest cron firing at or before ``now`` (``now`` itself if none in 32 days)."""
+    t = trigger.get_next_fire_time(None, now - timedelta(days=32))
+    latest = None
+    while t is not None and t <= now:
+        latest = t
+        t = trigger.get_next_fire_time(t, t + timedelta(seconds=1))
+    return latest or now
+
+
 def edition_date_for(trigger: CronTrigger, now: datetime) -> date:
     """The date of the latest cron firing at or before ``now`` (in the trigger's zone).
 
     A late firing (the service came back at 02:00 on Saturday) still sends Friday's
     edition, and a duplicate firing maps to the same date, whose issue is unique.
     """
-    t = trigger.get_next_fire_time(None, now - timedelta(days=32))
-    latest = None
-    while t is not None and t <= now:
-        latest = t
-        t = trigger.get_next_fire_time(t, t + timedelta(seconds=1))
-    return (latest or now).astimezone(trigger.timezone).date()
+    return latest_firing(trigger, now).astimezone(trigger.timezone).date()
 
 
-def scheduled_send(config_path: str) -> None:
-    """Send the round-up of the latest scheduled date (idempotent)."""
+def scheduled_send(config_path: str, now: datetime | None = None) -> None:
+    """Send the round-up of the latest scheduled date (idempotent).
+
+    An issue that awaits approval is left for :func:`scheduled_approval_wait`.
+    """
     config = load_config(config_path)
-    edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    edition = edition_date_for(config.schedule.cron_trigger(), now)
     try:
         report = pipeline.send(pipeline.open_app(config), edition, stop=SHUTDOWN)
+    except AwaitingApproval as exc:
+        grace = timedelta(hours=config.schedule.misfire_grace_hours)
+        deadline = latest_firing(config.schedule.cron_trigger(), now) + grace
+        log.warning("send %s: %s (sent when approved until %s)", edition, exc, deadline)
+        return
     except NothingToSend as exc:
         log.warning("send %s: %s", edition, exc)
         return
@@ -71,23 +85,72 @@ def scheduled_fetch(config_path: str) -> None:
     log.info("fetch: %d new, %d updated, %d rejected", report.new, report.updated, report.rejected)
 
 
-def scheduled_resume(config_path: str) -> None:
+def scheduled_resume(config_path: str, now: datetime | None = None) -> None:
     """Finish the latest scheduled edition if it is still open.
 
     Covers a ``digest run`` killed mid-send (its cron firing is spent) and deliveries
     deferred after their last in-run attempt. Only the latest scheduled edition is
     resumed: an old round-up is not worth sending late without an editor deciding so.
     """
-    config = load_config(config_path)
-    edition = edition_date_for(config.schedule.cron_trigger(), datetime.now(UTC))
+    _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=False)
+
+
+def scheduled_approval_wait(config_path: str, now: datetime | None = None) -> None:
+    """Send the latest scheduled edition as soon as it is approved, within the grace.
+
+    Runs every minute while ``[editorial] approval = "required"``. Past
+    ``misfire_grace_hours`` after the send time an issue still unapproved is recorded
+    as missed, and neither this job nor the resume job sends it afterwards.
+    """
+    _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=True)
+
+
+def _resume(config: Config, now: datetime, only_unstarted: bool) -> None:
+    trigger = config.schedule.cron_trigger()
+    fired = latest_firing(trigger, now)
+    edition = fired.astimezone(trigger.timezone).date()
     app = pipeline.open_app(config)
-    if not pipeline.has_open_issue(app, edition):
+    if not pipeline.has_open_issue(app, edition) or editorial.is_missed(app, edition):
         return
-    log.info("resuming the send of %s", edition)
+    if only_unstarted and not editorial.unstarted(app, edition):
+        return  # the resume job finishes a send that has started
+    if editorial.waiting_for_approval(app, edition):
+        if now > fired + timedelta(hours=config.schedule.misfire_grace_hours):
+            pipeline.record_missed(app, edition, fired)
+            log.warning(
+                "send %s: not approved within misfire_grace_hours of %s; recorded as missed "
+                "(`digest send --date %s` sends it late once approved)",
+                edition,
+                fired,
+                edition,
+            )
+        return
+    log.info("sending %s", edition)
     try:
         pipeline.send(app, edition, stop=SHUTDOWN)
     except DigestError as exc:
         log.warning("resume %s: %s", edition, exc)
+
+
+def scheduled_draft(config_path: str, now: datetime | None = None) -> None:
+    """Fetch, freeze the draft of the next scheduled send and mail each editor a copy."""
+    config = load_config(config_path)
+    now = now or datetime.now(UTC)
+    edition = editorial.next_send_date(config, now)
+    app = pipeline.open_app(config)
+    report = pipeline.fetch(app)
+    for r in report.feeds:
+        if r.error:
+            log.warning("fetch %s: %s", r.feed, r.error)
+    try:
+        view, copies = editorial.draft_and_copy(app, edition)
+    except DigestError as exc:
+        log.warning("draft %s: %s", edition, exc)
+        return
+    log.info("draft %s built (%s): %s", edition, view.status, view.subject)
+    for copy in copies:
+        level = logging.INFO if copy.ok else logging.WARNING
+        log.log(level, "draft %s: test copy to %s: %s", edition, copy.address, copy.reply)
 
 
 def record_missed(config_path: str, scheduled_at: datetime) -> date:

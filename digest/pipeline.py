@@ -158,6 +158,13 @@ def preferences_signer(config: Config) -> TokenSigner:
     )
 
 
+def issue_context(edition_date: date, issue: Issue | None) -> IssueContext:
+    """What the templates need of the issue, the editor's lead and note included."""
+    if issue is None:
+        return IssueContext(edition_date, None)
+    return IssueContext(edition_date, issue.id, issue.lead_article_id, issue.note)
+
+
 def message_id(issue: Issue, subscriber_id: int, domain: str) -> str:
     """The stable Message-ID of one (issue, subscriber): a re-send collapses into the first."""
     return f"<{issue.edition_date:%Y%m%d}.{issue.id}.{subscriber_id}.digest@{domain}>"
@@ -200,18 +207,28 @@ PreviewFormat = Literal["html", "text", "eml"]
 
 
 def preview(
-    app: App, edition_date: date, subscriber_email: str | None, fmt: PreviewFormat
+    app: App,
+    edition_date: date,
+    subscriber_email: str | None,
+    fmt: PreviewFormat,
+    regions: Sequence[str] | None = None,
 ) -> bytes:
-    """Exactly what ``send`` would send for that date; writes nothing."""
+    """Exactly what ``send`` would send for that date; writes nothing.
+
+    Without a subscriber: the edition of ``regions`` (None: every section).
+    """
     config = app.config
     renderer = Renderer(config)
     with app.sessions() as session:
         issue, sections = issue_sections(session, config, edition_date)
         if not sections:
             raise _nothing(config, edition_date)
-        issue_ctx = IssueContext(edition_date, issue.id if issue else None)
+        issue_ctx = issue_context(edition_date, issue)
         if subscriber_email is None:
-            template = renderer.edition(issue_ctx, sections)
+            chosen = edition_sections(sections, edition_key(regions, config.newsletter.regions))
+            if not chosen:
+                raise NothingToSend(f"the edition of {', '.join(regions or [])} is empty")
+            template = renderer.edition(issue_ctx, chosen)
             rcpt = Recipient(
                 "reader@example.org",
                 "",
@@ -379,6 +396,9 @@ def send(
     dkim = load_signer(config.dkim)
     with store.exclusive_lock(app.engine, f"send:{edition_date.isoformat()}"):
         issue, sections = build_issue(app, renderer, edition_date)
+        from digest.editorial import check_approval  # editorial builds on this module
+
+        check_approval(app, issue)
         report = SendReport(edition_date, issue.subject, dry_run=False)
         with app.sessions() as session:
             report.new_deliveries = store.create_deliveries(session, issue.id)
@@ -386,7 +406,7 @@ def send(
             gone = store.skip_unsubscribed(session, issue.id)
             session.commit()
             total = store.count_sendable(session, issue.id, datetime.now(UTC))
-        editions = Editions(config, renderer, IssueContext(edition_date, issue.id), sections)
+        editions = Editions(config, renderer, issue_context(edition_date, issue), sections)
         factory = transports or transport_factory(config)
         try:
             report.stats = asyncio.run(
@@ -564,7 +584,7 @@ def _dry_run(app: App, renderer: Renderer, edition_date: date) -> SendReport:
             else renderer.subject(renderer.context(IssueContext(edition_date, None), sections))
         )
         report = SendReport(edition_date, subject, dry_run=True)
-        editions = Editions(config, renderer, IssueContext(edition_date, None), sections)
+        editions = Editions(config, renderer, issue_context(edition_date, issue), sections)
         now = datetime.now(UTC)
         for regions in store.unsent_subscribers(session, issue.id if issue else None, now):
             if editions.for_regions(regions) is None:
@@ -638,19 +658,21 @@ def failed_deliveries(app: App, edition_date: date | None) -> list[FailedRow]:
 
 def status(app: App, limit: int = 10) -> StatusReport:
     """Recent issues with their delivery counts, and subscriber counts."""
+    from digest.editorial import display_status  # editorial builds on this module
+
     with app.sessions() as session:
+        missed_dates = {m.edition_date for m in store.missed_sends(session, limit)}
         rows = [
             IssueStatusRow(
-                i.edition_date, str(i.status), i.subject, store.delivery_counts(session, i.id)
+                i.edition_date,
+                display_status(app.config, i, i.edition_date in missed_dates),
+                i.subject,
+                store.delivery_counts(session, i.id),
             )
             for i in store.recent_issues(session, limit)
         ]
         built = {r.edition_date for r in rows}
-        missed = [
-            m.edition_date
-            for m in store.missed_sends(session, limit)
-            if m.edition_date not in built
-        ]
+        missed = sorted((d for d in missed_dates if d not in built), reverse=True)
         return StatusReport(
             rows, store.subscriber_counts(session), store.article_count(session), missed
         )

@@ -36,6 +36,7 @@ import jinja2
 from digest.config import Config
 from digest.dkimsign import canonical_piece
 from digest.errors import RenderError
+from digest.note import render_note
 from digest.select import Section
 
 HTML_TEMPLATE = "roundup.html.j2"
@@ -280,10 +281,36 @@ class MessageTemplate:
 
 @dataclass(frozen=True)
 class IssueContext:
-    """Edition-independent facts of one issue."""
+    """Edition-independent facts of one issue, editorial choices included."""
 
     edition_date: date
     issue_id: int | None
+    lead_id: int | None = None  # the editor's lead story, when they chose one
+    note: str | None = None  # the editor's note (Markdown)
+
+
+def split_lead(
+    sections: Sequence[Section[Any]], lead_id: int | None
+) -> tuple[Any, str, list[Section[Any]]]:
+    """The story that opens an edition, its section's name, and the sections without it.
+
+    The editor's lead when its section is in this edition, else the rules' first article.
+    Sections left empty are dropped. ``(None, "", [])`` for an edition with no articles.
+    """
+    found = next(
+        ((a, s) for s in sections for a in s.articles if lead_id is not None and a.id == lead_id),
+        None,
+    )
+    if found is None:
+        found = next(((s.articles[0], s) for s in sections if s.articles), None)
+    if found is None:
+        return None, "", []
+    lead, home = found
+    rest = [
+        Section(s.name, [a for a in s.articles if a is not lead], s.is_region) if s is home else s
+        for s in sections
+    ]
+    return lead, home.name, [s for s in rest if s.articles]
 
 
 class Renderer:
@@ -326,8 +353,13 @@ class Renderer:
     # -- pieces -----------------------------------------------------------------------
 
     def context(self, issue: IssueContext, sections: Sequence[Section[Any]]) -> dict[str, Any]:
-        """The template context of one edition (see templates/ for how it is used)."""
-        lead = sections[0].articles[0] if sections and sections[0].articles else None
+        """The template context of one edition (see templates/ for how it is used).
+
+        ``sections`` is every section of the edition; ``lead`` the story that opens it
+        (the editor's, or the rules' first), ``lead_section`` its section's name and
+        ``body_sections`` the sections without it; ``note`` the editor's note or None.
+        """
+        lead, lead_section, body = split_lead(sections, issue.lead_id)
         preheader = ""
         if lead is not None:
             preheader = (lead.title + " — " + (lead.dek or "")).strip(" —")
@@ -341,6 +373,10 @@ class Renderer:
             "date_label": f"{issue.edition_date.day} {issue.edition_date:%B %Y}",
             "sections": sections,
             "lead": lead,
+            "lead_section": lead_section,
+            "lead_chosen": lead is not None and lead.id == issue.lead_id,
+            "body_sections": body,
+            "note": render_note(issue.note) if issue.note else None,
             "preheader": preheader,
             "view_in_browser_url": self.archive_url(issue.edition_date),
             # The archive's web page of an issue: no personal links, a way to subscribe.
@@ -410,12 +446,17 @@ class Renderer:
         issue: IssueContext,
         sections: Sequence[Section[Any]],
         key: tuple[str, ...] | None = None,
+        subject_prefix: str = "",
     ) -> MessageTemplate:
-        """Render, inline and serialize one edition with per-subscriber placeholders."""
+        """Render, inline and serialize one edition with per-subscriber placeholders.
+
+        ``subject_prefix`` ("[TEST] " for test copies) changes the Subject header only:
+        the body, and so every byte but the personal fields, stays that of the real send.
+        """
         nonce = secrets.token_hex(6)
         token = {f: f"DGST{nonce}{f.replace('_', '').upper()}X" for f in PERSONAL_FIELDS}
         ctx = self.context(issue, sections)
-        subject = self.subject(ctx)
+        subject = subject_prefix + self.subject(ctx)
         ctx["subscriber"] = _Placeholders(**{f: token[f] for f in PERSONAL_FIELDS})
         html_body = self.render_html(ctx)
         text_body = self.render_text(ctx)
@@ -432,15 +473,25 @@ class Renderer:
             out.append(_qp(body[pos:]))
             return out
 
+        parts: list[tuple[str, list[Segment]]] = [
+            ("plain", segments(text_body)),
+            ("html", segments(html_body)),
+        ]
         # "=_" never occurs in quoted-printable output (a literal "=" is "=3D"), so this
-        # boundary cannot collide with any body, whatever the feed says.
-        boundary = f"=_digest_{nonce}"
+        # boundary cannot collide with any body, whatever the feed says. It is derived
+        # from the content, not drawn at random, so the same edition rendered twice (a
+        # test copy, then the real send) is the same bytes.
+        content = hashlib.sha256()
+        for _, segs in parts:
+            for seg in segs:
+                content.update(seg if isinstance(seg, bytes) else b"\0" + seg.key.encode())
+        boundary = f"=_digest_{content.hexdigest()[:24]}"
         return MessageTemplate(
             key=key,
             subject=subject,
             common_headers=self._common_headers(subject, boundary),
             list_unsubscribe_extra=self._mailto(),
-            parts=[("plain", segments(text_body)), ("html", segments(html_body))],
+            parts=parts,
             boundary=boundary,
         )
 

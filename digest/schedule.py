@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.events import (
@@ -21,6 +22,7 @@ from apscheduler.events import (
 )
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from digest import store
@@ -30,8 +32,35 @@ from digest.jobs import SHUTDOWN, record_missed
 SEND_JOB = "digest-weekly-send"
 FETCH_JOB = "digest-fetch"
 RESUME_JOB = "digest-resume"
+DRAFT_JOB = "digest-draft"
+APPROVAL_JOB = "digest-approval-wait"
 # How often an unfinished send (killed run, deferred deliveries) is picked up again.
 RESUME_MINUTES = 15
+# How soon an approval given after the send time is acted on (while within the grace).
+APPROVAL_POLL_MINUTES = 1
+
+
+class AheadTrigger(BaseTrigger):  # type: ignore[misc]  # apscheduler is untyped
+    """Fires a fixed time before each firing of another trigger (the draft before a send).
+
+    Defined here, at module level, because the job store pickles triggers by reference.
+    """
+
+    def __init__(self, trigger: BaseTrigger, ahead: timedelta) -> None:
+        self.trigger = trigger
+        self.ahead = ahead
+        self.jitter = None
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The inner trigger's next firing after ``now + ahead``, moved ``ahead`` earlier."""
+        previous = previous_fire_time + self.ahead if previous_fire_time else None
+        t = self.trigger.get_next_fire_time(previous, now + self.ahead)
+        return t - self.ahead if t is not None else None
+
+    def __str__(self) -> str:
+        return f"ahead[{self.ahead} before {self.trigger}]"
 
 
 def build_scheduler(config: Config) -> BackgroundScheduler:
@@ -74,6 +103,26 @@ def sync_jobs(scheduler: BackgroundScheduler, config: Config) -> None:
             "misfire_grace_time": 60 * config.schedule.fetch_interval_minutes,
         },
     }
+    editorial = config.editorial
+    # A draft frozen a day early loses that day's articles, so only when someone will look
+    # at it: approval is required or editors get a copy.
+    if editorial.draft_ahead_hours and (editorial.approval == "required" or editorial.editors):
+        wanted[DRAFT_JOB] = {
+            "func": "digest.jobs:scheduled_draft",
+            "trigger": AheadTrigger(
+                config.schedule.cron_trigger(), timedelta(hours=editorial.draft_ahead_hours)
+            ),
+            "misfire_grace_time": int(editorial.draft_ahead_hours * 3600),
+        }
+    if editorial.approval == "required":
+        wanted[APPROVAL_JOB] = {
+            "func": "digest.jobs:scheduled_approval_wait",
+            "trigger": IntervalTrigger(minutes=APPROVAL_POLL_MINUTES, timezone=config.schedule.tz),
+            "misfire_grace_time": 60 * APPROVAL_POLL_MINUTES,
+        }
+    for job_id in (DRAFT_JOB, APPROVAL_JOB):
+        if job_id not in wanted and scheduler.get_job(job_id) is not None:
+            scheduler.remove_job(job_id)
     for job_id, spec in wanted.items():
         job = scheduler.get_job(job_id)
         if (

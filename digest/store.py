@@ -173,8 +173,11 @@ def exclusive_lock(engine: Engine, name: str) -> Iterator[None]:
     The lock dies with the process either way, so a crash never leaves it stuck.
     """
     if engine.dialect.name == "postgresql":
-        key = zlib.crc32(name.encode()) - 2**31
         with engine.connect() as conn:
+            # Advisory locks are database-wide: the schema in the key keeps two digests
+            # (or two test runs) sharing one database, each in its own schema, apart.
+            schema = conn.execute(text("SELECT current_schema()")).scalar()
+            key = zlib.crc32(f"{schema}:{name}".encode()) - 2**31
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
             # A session-level lock outlives the transaction that took it. Ending that
             # transaction now matters: left open for the whole send, the connection sits
@@ -318,6 +321,67 @@ def issue_sections(session: Session, issue_id: int) -> list[tuple[str, list[Arti
     return out
 
 
+def replace_issue_articles(
+    session: Session, issue_id: int, sections: Sequence[tuple[str, Sequence[int]]]
+) -> None:
+    """Store an edited selection: ``sections`` in order, each with its article ids in order."""
+    session.execute(delete(IssueArticle).where(IssueArticle.issue_id == issue_id))
+    rows = [
+        dict(issue_id=issue_id, article_id=a, section=name, section_position=i, position=j)
+        for i, (name, ids) in enumerate(sections)
+        for j, a in enumerate(ids)
+    ]
+    if rows:
+        session.execute(insert(IssueArticle), rows)
+
+
+def messages_out(session: Session, issue_id: int) -> int:
+    """Deliveries of an issue that may have reached a reader: every one tried (sent, in
+    flight, deferred, failed, or pending again after a try); not untried ones or skips."""
+    untried = and_(
+        Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SKIPPED]),
+        Delivery.attempts == 0,
+    )
+    stmt = select(func.count(Delivery.id)).where(Delivery.issue_id == issue_id, ~untried)
+    return session.scalar(stmt) or 0
+
+
+def next_unsent_issue(session: Session, from_date: date) -> Issue | None:
+    """The earliest issue dated ``from_date`` or later that is not completely sent."""
+    return session.scalar(
+        select(Issue)
+        .where(Issue.edition_date >= from_date, Issue.status != IssueStatus.SENT)
+        .order_by(Issue.edition_date)
+        .limit(1)
+    )
+
+
+def article_by_id(session: Session, article_id: int) -> Article | None:
+    """One stored article by id."""
+    return session.get(Article, article_id)
+
+
+def earlier_issue_with(session: Session, article_id: int, edition_date: date) -> date | None:
+    """The date of another issue, sending or sent, that carried this article, if any."""
+    return session.scalar(
+        select(Issue.edition_date)
+        .join(IssueArticle, IssueArticle.issue_id == Issue.id)
+        .where(
+            IssueArticle.article_id == article_id,
+            Issue.edition_date != edition_date,
+            Issue.status.in_([IssueStatus.SENDING, IssueStatus.SENT]),
+        )
+        .order_by(Issue.edition_date.desc())
+        .limit(1)
+    )
+
+
+def is_missed(session: Session, edition_date: date) -> bool:
+    """True when the scheduled send of ``edition_date`` was recorded as missed."""
+    stmt = select(MissedSend.id).where(MissedSend.edition_date == edition_date)
+    return session.scalar(stmt) is not None
+
+
 def set_issue_status(session: Session, issue: Issue, status: IssueStatus, now: datetime) -> None:
     """Move an issue along ready → sending → sent."""
     issue.status = status
@@ -410,6 +474,35 @@ def iter_subscribers(session: Session, batch: int = 1000) -> Iterator[Subscriber
         yield from page
         after = page[-1].id
         session.expunge_all()
+
+
+def active_subscribers(session: Session, limit: int) -> list[Subscriber]:
+    """The first ``limit`` active subscribers in id order (the preview's switch)."""
+    return list(
+        session.scalars(
+            select(Subscriber)
+            .where(Subscriber.status == SubscriberStatus.ACTIVE)
+            .order_by(Subscriber.id)
+            .limit(limit)
+        )
+    )
+
+
+def iter_active_regions(session: Session, batch: int = 5000) -> Iterator[list[str] | None]:
+    """Every active subscriber's regions, in keyset batches (flat memory)."""
+    after = 0
+    while True:
+        page = session.execute(
+            select(Subscriber.id, Subscriber.regions)
+            .where(Subscriber.id > after, Subscriber.status == SubscriberStatus.ACTIVE)
+            .order_by(Subscriber.id)
+            .limit(batch)
+        ).all()
+        if not page:
+            return
+        for _, regions in page:
+            yield regions
+        after = page[-1][0]
 
 
 def subscriber_counts(session: Session) -> dict[str, int]:

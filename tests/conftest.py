@@ -110,8 +110,14 @@ def rss(items: list[dict[str, Any]], site: str = "https://news.example.org/") ->
     for it in items:
         cats = "".join(f"<category>{escape(c)}</category>" for c in it.get("categories", []))
         pub = it["published"].strftime("%a, %d %b %Y %H:%M:%S +0000") if it.get("published") else ""
+        credit = (
+            f'<media:credit role="photographer">{escape(it["credit"])}</media:credit>'
+            if it.get("credit")
+            else ""
+        )
         image = (
-            f'<media:content url="{escape(it["image"])}" medium="image" type="image/jpeg"/>'
+            f'<media:content url="{escape(it["image"])}" medium="image" type="image/jpeg">'
+            f"{credit}</media:content>"
             if it.get("image")
             else ""
         )

@@ -223,6 +223,40 @@ def test_rss_image_falls_back_to_an_http_enclosure_and_skips_bare_addresses() ->
     assert monsoon.guid == MONSOON
 
 
+def test_image_credit_from_media_credit_or_the_credit_field(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    item = (
+        "<item><title>{title}</title><link>https://n.example/{n}</link>"
+        "<pubDate>Wed, 08 May 2024 10:00:00 +0000</pubDate>{extra}</item>"
+    )
+    items = [
+        # A photographer's credit wins over an agency's, whatever the order.
+        '<media:content url="https://n.example/1.jpg" medium="image">'
+        '<media:credit role="distributor">Agence &amp; Co</media:credit>'
+        '<media:credit role="photographer">Zoë &lt;b&gt;Lens&lt;/b&gt; 🦊</media:credit>'
+        "</media:content>",
+        '<media:thumbnail url="https://n.example/2.jpg"/><credit>Site Photo Desk</credit>',
+        '<enclosure url="https://n.example/3.jpg" type="image/jpeg" length="1"/>',
+        "<media:credit>Reuters</media:credit>",  # a credit without a picture is not kept
+    ]
+    doc = (
+        '<?xml version="1.0"?><rss version="2.0" xmlns:media="http://search.yahoo.com/mrss/">'
+        "<channel><title>t</title><link>https://n.example/</link>"
+        + "".join(item.format(title=f"T{n}", n=n, extra=x) for n, x in enumerate(items))
+        + "</channel></rss>"
+    )
+    articles, rejected = parse_feed(doc.encode(), "https://n.example/f.rss")
+    assert rejected == []
+    assert [a.image_credit for a in articles] == ["Zoë Lens 🦊", "Site Photo Desk", None, None]
+    path = tmp_path / "credits.rss"
+    path.write_text(doc, encoding="utf-8")
+    fetch_all(sessions, [Feed(url=str(path))], NOW)
+    with sessions() as session:
+        stored = {a.title: a.image_credit for a in session.scalars(select(Article))}
+    assert stored == {"T0": "Zoë Lens 🦊", "T1": "Site Photo Desk", "T2": None, "T3": None}
+
+
 def test_unusable_rss_items_are_rejected_with_a_reason() -> None:
     articles, rejected = parse_feed((FEEDS / "world.rss").read_bytes(), "https://x.example/")
     assert [a.link for a in articles] == [KENYA, MONSOON]

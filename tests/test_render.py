@@ -28,6 +28,7 @@ class Art:
     dek: str = ""
     authors: list[str] = field(default_factory=list)
     image_url: str | None = None
+    image_credit: str | None = None
     categories: list[str] = field(default_factory=list)
     published_at: datetime = field(default_factory=lambda: datetime(2026, 11, 25, tzinfo=UTC))
 

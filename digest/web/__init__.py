@@ -7,6 +7,7 @@
 ``archive``          ``/archive``, ``/archive/{YYYY-MM-DD}``, ``/archive/feed.xml``
 ``mailer``           the background task that sends queued signup mails
 ``middleware``       security headers, the 64 KB body cap, UTF-8 bodies only
+``preview``          ``digest preview --serve``: the editor's local preview (its own app)
 ===================  ===========================================================
 
 :func:`create_app` composes them. Every request is treated as hostile: no response ever

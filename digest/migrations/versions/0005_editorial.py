@@ -1,7 +1,7 @@
 """editorial: lead story, note and approval of an issue; image credits of articles
 
 Revision ID: 0005_editorial
-Revises: 0003_review_fixes
+Revises: 0004_reader_web
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 import digest.models
 
 revision = "0005_editorial"
-down_revision = "0003_review_fixes"
+down_revision = "0004_reader_web"
 branch_labels = None
 depends_on = None
 
