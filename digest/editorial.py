@@ -248,6 +248,10 @@ def _editable(app: pipeline.App, edition_date: date) -> Iterator[tuple[Session, 
             issue = store.issue_for_date(session, edition_date)
             if issue is None:
                 raise _no_issue(edition_date)
+            # Senders lock this row too before they add deliveries; with it held, no send
+            # can start between the check below and the commit of the edit.
+            store.lock_issue(session, issue.id)
+            session.refresh(issue)
             out = store.messages_out(session, issue.id)
             if out or issue.status != IssueStatus.READY:
                 raise EditRefused(

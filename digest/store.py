@@ -335,6 +335,11 @@ def replace_issue_articles(
         session.execute(insert(IssueArticle), rows)
 
 
+def lock_issue(session: Session, issue_id: int) -> None:
+    """Lock the issue's row until the transaction ends (PostgreSQL; SQLite locks on write)."""
+    session.execute(select(Issue.id).where(Issue.id == issue_id).with_for_update())
+
+
 def messages_out(session: Session, issue_id: int) -> int:
     """Deliveries of an issue that may have reached a reader: every one tried (sent, in
     flight, deferred, failed, or pending again after a try); not untried ones or skips."""

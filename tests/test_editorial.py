@@ -33,6 +33,12 @@ CREDIT = "Zoë Lens/Agence & Co 🦊"
 AP0, AP1, EU0, EU1, ME0, ME1, GC0, GC1, SP0, SP1, OLD = range(1, 12)
 
 
+STRICT = (
+    '\n[editorial]\napproval = "required"\n'
+    'editors = ["Editor@News.example.org", "desk@example.org"]\n'
+)
+
+
 def run(config_path: Path, *args: str, input: str | None = None) -> Result:
     result = CliRunner().invoke(main, ["--config", str(config_path), *args], input=input)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -80,12 +86,7 @@ def desk(tmp_path: Path, smtp_server: tuple[object, Recorder]) -> Path:
 @pytest.fixture
 def strict_desk(tmp_path: Path, smtp_server: tuple[object, Recorder]) -> Path:
     """The same desk with approval required and two editors."""
-    return make_desk(
-        tmp_path,
-        smtp_server[0].port,  # type: ignore[attr-defined]
-        '\n[editorial]\napproval = "required"\n'
-        'editors = ["Editor@News.example.org", "desk@example.org"]\n',
-    )
+    return make_desk(tmp_path, smtp_server[0].port, STRICT)  # type: ignore[attr-defined]
 
 
 def shown(path: Path) -> dict[str, Any]:
