@@ -46,9 +46,10 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ margin: 0; font: 14px/1.4 -apple-system, "Segoe UI", Roboto, Helvetica, Arial,
   sans-serif; background: #e8e6e1; color: #1a1a1a; }}
-header {{ display: flex; flex-wrap: wrap; gap: 12px; align-items: center; padding: 10px 16px;
-  background: #1a1a1a; color: #fff; }}
-header h1 {{ font-size: 15px; margin: 0 12px 0 0; }}
+header {{ display: flex; flex-wrap: wrap; gap: 10px; align-items: center; padding: 10px 16px;
+  background: #1a1a1a; color: #fff; font-size: 13px; }}
+header h1 {{ font-size: 14px; margin: 0 8px 0 0; }}
+#subscriber {{ max-width: 200px; }}
 header label {{ display: flex; gap: 6px; align-items: center; }}
 header select, header input {{ font: inherit; padding: 3px 6px; }}
 .group button {{ font: inherit; padding: 4px 10px; border: 1px solid #888; background: #333;
@@ -260,6 +261,7 @@ def create_preview_app(app: pipeline.App, default_date: date | None = None) -> S
             Route("/message", message, methods=["GET"]),
             Route("/version", version, methods=["GET"]),
             Route("/preview.js", script, methods=["GET"]),
+            Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
         ]
     )
 
