@@ -61,9 +61,12 @@ def feed_items() -> list[dict[str, Any]]:
     return items
 
 
-def make_desk(tmp_path: Path, port: int, editorial_toml: str = "") -> Path:
+def make_desk(tmp_path: Path, port: int, editorial_toml: str = "", db_url: str = "") -> Path:
     (tmp_path / "feed.xml").write_text(rss(feed_items()), encoding="utf-8")
     path = write_config(tmp_path, port=port, extra=editorial_toml)
+    if db_url:
+        text = path.read_text(encoding="utf-8")
+        path.write_text(text.replace('url = "sqlite:///digest.db"', f'url = "{db_url}"'))
     (tmp_path / "subs.csv").write_text(
         "email,name,regions\n"
         "ada@example.org,Ada 🦊 & Co,\n"
@@ -616,3 +619,57 @@ def test_a_test_copy_is_the_real_message_but_for_its_own_fields(
     )
     # Two renders of one edition are the same bytes; only those fields tell them apart.
     assert a == b
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('approval = "sometimes"', "key 'editorial.approval': Input should be 'auto' or"),
+        ('editors = ["not an address"]', "key 'editorial.editors': 'not an address' is not an"),
+        (f"editors = {[f'e{i}@example.org' for i in range(11)]!r}", "at most 10 items"),
+        ("draft_ahead_hours = -1", "key 'editorial.draft_ahead_hours'"),
+        ('aproval = "auto"', "unknown key 'editorial.aproval'"),
+    ],
+)
+def test_editorial_config_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    from digest.errors import ConfigError
+
+    path = write_config(tmp_path, extra=f"\n[editorial]\n{toml.replace(chr(39), chr(34))}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_editors_are_normalized_and_deduplicated(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, extra='\n[editorial]\neditors = ["Ed@Example.ORG", " ed@example.org "]\n'
+    )
+    assert load_config(path).editorial.editors == ["ed@example.org"]
+
+
+def test_the_editors_week_on_postgresql(
+    tmp_path: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    from tests.test_postgres import pg_schema
+
+    _, server = smtp_server
+    with pg_schema() as url:
+        path = make_desk(tmp_path, smtp_server[0].port, STRICT, db_url=url)  # type: ignore[attr-defined]
+        run(path, "draft", "--date", D)
+        run(path, "issue", "lead", str(EU1), "--date", D)
+        run(path, "issue", "include", str(OLD), "--date", D)
+        run(path, "issue", "move", str(OLD), "--region", "Europe", "--position", "1", "--date", D)
+        run(path, "issue", "exclude", str(SP1), "--date", D)
+        run(path, "issue", "note", "--text", "On *PostgreSQL* & 𝔘.", "--date", D)
+        data = shown(path)
+        assert data["lead"] == EU1 and data["note"] == "On *PostgreSQL* & 𝔘."
+        assert layout(path)["Europe"] == [OLD, EU0, EU1]
+        assert layout(path)["Also this week"] == [SP0]
+        assert run(path, "send", "--date", D).stderr == AWAITS
+        assert run(path, "issue", "approve", "--date", D).exit_code == 0
+        assert run(path, "send", "--date", D).exit_code == 0
+        assert len(server.messages) == 3
+        refused = run(path, "issue", "reset", "--date", D)
+        assert refused.exit_code == 2 and "can no longer be changed" in refused.stderr
