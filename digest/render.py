@@ -374,7 +374,6 @@ class Renderer:
             "sections": sections,
             "lead": lead,
             "lead_section": lead_section,
-            "lead_chosen": lead is not None and lead.id == issue.lead_id,
             "body_sections": body,
             "note": render_note(issue.note) if issue.note else None,
             "preheader": preheader,
