@@ -8,7 +8,12 @@ injected clock.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import lxml.html
 import pytest
 from click.testing import CliRunner, Result
@@ -23,7 +29,7 @@ from click.testing import CliRunner, Result
 from digest import editorial, pipeline, store
 from digest.cli import main
 from digest.config import load_config
-from tests.conftest import EDITION, Recorder, rss, week_items, write_config
+from tests.conftest import EDITION, Recorder, free_port, rss, week_items, write_config
 
 D = "2026-11-27"
 NY = ZoneInfo("America/New_York")
@@ -673,3 +679,37 @@ def test_the_editors_week_on_postgresql(
         assert len(server.messages) == 3
         refused = run(path, "issue", "reset", "--date", D)
         assert refused.exit_code == 2 and "can no longer be changed" in refused.stderr
+
+
+def test_preview_serve_runs_as_a_command(desk: Path) -> None:
+    run(desk, "draft", "--date", D)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    cmd = [sys.executable, "-m", "digest", "--config", str(desk), "preview", "--serve"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--date", D],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        page = None
+        deadline = time.monotonic() + 60
+        while page is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert page is not None and page.status_code == 200, proc.poll()
+        assert f'The Weekly Round-up · {D} · <span id="issue-status">draft</span>' in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        message = httpx.get(f"http://127.0.0.1:{port}/message?date={D}&part=text", timeout=5)
+        assert "Hello there," in message.text and "Asia-Pacific story 0" in message.text
+        version = httpx.get(f"http://127.0.0.1:{port}/version?date={D}", timeout=5).json()
+        assert version["status"] == "draft" and len(version["version"]) == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert f"digest preview: http://127.0.0.1:{port}/" in err
+    assert "Traceback" not in err
