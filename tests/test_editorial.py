@@ -713,3 +713,25 @@ def test_preview_serve_runs_as_a_command(desk: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert f"digest preview: http://127.0.0.1:{port}/" in err
     assert "Traceback" not in err
+
+
+def test_the_archive_page_shows_the_lead_and_the_note_as_sent(
+    desk: Path, smtp_server: tuple[object, Recorder]
+) -> None:
+    from starlette.testclient import TestClient
+
+    from digest.web import create_app
+
+    run(desk, "draft", "--date", D)
+    run(desk, "issue", "lead", str(ME0), "--date", D)
+    run(desk, "issue", "note", "--text", "In the *archive* too & 𝔘.", "--date", D)
+    assert run(desk, "send", "--date", D).exit_code == 0
+    app = pipeline.open_app(load_config(desk))
+    try:
+        page = TestClient(create_app(app.config, app.sessions)).get(f"/archive/{D}")
+    finally:
+        app.engine.dispose()
+    assert page.status_code == 200
+    html = page.text
+    assert "In the <em>archive</em> too &amp; 𝔘." in html
+    assert html.index("Middle East story 0</a></h3>") < html.index(">Asia-Pacific</h2>")

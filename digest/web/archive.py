@@ -106,7 +106,8 @@ def routes(web: Web) -> list[Route]:
                     Section(name, articles, is_region=name.casefold() in regions)
                     for name, articles in store.issue_sections(session, issue.id)
                 ]
-                page = renderer.web_page(IssueContext(issue.edition_date, issue.id), sections)
+                ctx = IssueContext(issue.edition_date, issue.id, issue.lead_article_id, issue.note)
+                page = renderer.web_page(ctx, sections)
             cache.put(key, page)
         return page
 
