@@ -61,6 +61,10 @@ class Obj:
 
 pass_obj = click.make_pass_decorator(Obj)
 
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="One JSON document on stdout (keys: see README)."
+)
+
 quiet_option = click.option(
     "--quiet",
     "-q",
@@ -210,21 +214,24 @@ def _print_import(report: ImportReport, source: str, prefix: str = "") -> None:
 
 
 @subscribers.command("list")
+@json_option
 @pass_obj
-def subscribers_list(obj: Obj) -> None:
-    """List subscribers: email, status, regions, name, then the consent record
-    (source import/signup, subscribed at, confirmed at; UTC).
+def subscribers_list(obj: Obj, as_json: bool) -> None:
+    """List subscribers: email, status, regions, name and the consent record (source
+    import/signup, subscribed at, confirmed at; UTC). --json: every field.
 
-    Example: digest subscribers list
+    Example: digest subscribers list --json
     """
-    from digest import store
-    from digest.subscribers import consent_record
+    from digest import store, tables
 
     with obj.app().sessions() as session:
-        for s in store.iter_subscribers(session):
-            regions = ";".join(s.regions) if s.regions is not None else "(all)"
-            consent = "\t".join(v or "-" for v in consent_record(s))
-            click.echo(f"{s.email}\t{s.status}\t{regions}\t{s.name}\t{consent}")
+        subs = store.iter_subscribers(session)
+        if as_json:
+            rows = tables.records(tables.SUBSCRIBER_COLUMNS, subs)
+            tables.write_json_list("subscribers", rows, sys.stdout)
+        else:
+            for line in tables.table(tables.SUBSCRIBER_COLUMNS, subs):
+                click.echo(line)
 
 
 @subscribers.command("export")
@@ -411,32 +418,21 @@ def _print_send(report: pipeline.SendReport, config: Config, brief: bool = False
 
 @main.command()
 @click.option("--limit", default=10, show_default=True, help="How many recent issues.")
+@json_option
 @pass_obj
-def status(obj: Obj, limit: int) -> None:
+def status(obj: Obj, limit: int, as_json: bool) -> None:
     """Recent issues with sent/deferred/failed/skipped/pending counts, and subscribers.
 
-    Example: digest status
+    Example: digest status --json
     """
+    from digest import tables
+
     report = pipeline.status(obj.app(), limit)
-    subs = report.subscribers
-    click.echo(
-        f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} unsubscribed, "
-        f"{subs.get('bounced', 0)} bounced; articles stored: {report.articles}"
-    )
-    if not report.issues and not report.missed:
-        click.echo("no issues yet")
-    for missed in report.missed:
-        click.echo(
-            f"{missed}  MISSED   the scheduler was down at send time (past misfire_grace_hours); "
-            f"`digest send --date {missed}` sends it late"
-        )
-    for row in report.issues:
-        c = row.counts
-        click.echo(
-            f"{row.edition_date}  {row.status:<8} sent {c['sent']}, deferred {c['deferred']}, "
-            f"failed {c['failed']}, skipped {c['skipped']}, pending {c['pending'] + c['sending']}"
-            f"  {row.subject}"
-        )
+    if as_json:
+        tables.write_json(tables.status_document(report), sys.stdout)
+        return
+    for line in tables.status_lines(report):
+        click.echo(line)
 
 
 @main.command()
@@ -521,16 +517,24 @@ def dkim_keygen(
 @main.command()
 @click.option("--failed", is_flag=True, help="Only failed deliveries (the default, for now).")
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Only this edition.")
+@json_option
 @pass_obj
-def deliveries(obj: Obj, failed: bool, date_str: str | None) -> None:
+def deliveries(obj: Obj, failed: bool, date_str: str | None, as_json: bool) -> None:
     """List failed deliveries with the SMTP server's reply.
 
     Example: digest deliveries --failed --date 2026-11-27
     """
+    from digest import tables
+
     edition = _date(date_str, obj.config) if date_str else None
     rows = pipeline.failed_deliveries(obj.app(), edition)
-    for row in rows:
-        click.echo(f"{row.edition_date}\t{row.email}\t{row.attempts}\t{row.error}")
+    if as_json:
+        records = tables.records(tables.FAILED_COLUMNS, rows)
+        tables.write_json_list("deliveries", records, sys.stdout)
+        return
+    if rows:
+        for line in tables.table(tables.FAILED_COLUMNS, rows):
+            click.echo(line)
     click.echo(f"{len(rows)} failed deliveries", err=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -85,8 +86,12 @@ def test_round_up_end_to_end(
     assert code == 0 and "0 sent" in out
     assert len(server.messages) == 3
 
-    code, out, _ = run(config_path, "status")
-    assert "2026-11-27  sent" in out and "sent 3" in out and "3 active" in out
+    code, out, _ = run(config_path, "status", "--json")
+    doc = json.loads(out)
+    assert doc["subscribers"]["active"] == 3
+    assert [(i["edition_date"], i["status"], i["sent"]) for i in doc["issues"]] == [
+        ("2026-11-27", "sent", 3)
+    ]
 
 
 def test_preview_writes_nothing_and_matches_send(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,8 +72,9 @@ def test_readers_who_unsubscribe_mid_send_are_skipped_and_the_issue_is_sent(
     with app.sessions() as session:
         issue = store.issue_for_date(session, D)
         assert issue is not None and issue.status == IssueStatus.SENT
-    status = CliRunner().invoke(main, ["--config", str(config_path), "status"])
-    assert "sent     sent 25, deferred 0, failed 0, skipped 5, pending 0" in status.stdout
+    status = CliRunner().invoke(main, ["--config", str(config_path), "status", "--json"])
+    (row,) = json.loads(status.stdout)["issues"]
+    assert (row["status"], row["sent"], row["skipped"], row["pending"]) == ("sent", 25, 5, 0)
 
 
 class RefusingAfter(Recorder):

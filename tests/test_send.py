@@ -114,7 +114,10 @@ def test_permanent_failures_are_recorded_and_exit_1(
         main, ["--config", str(config_path), "deliveries", "--failed", "--date", str(D)]
     )
     assert listing.exit_code == 0
-    assert listing.stdout == f"{D}\t{emails[2]}\t1\t550 5.1.1 No such user here\n"
+    assert listing.stdout.splitlines() == [
+        "EDITION     EMAIL                ATTEMPTS  ERROR",
+        f"{D}  {emails[2]}         1  550 5.1.1 No such user here",
+    ]
 
 
 def test_smtp_down_is_one_line_and_the_next_run_delivers(

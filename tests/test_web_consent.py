@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import datetime
 
 from click.testing import CliRunner, Result
@@ -60,10 +61,15 @@ def test_export_and_list_show_how_and_when_each_subscriber_consented(
     listed = run(env, "subscribers", "list")
     assert listed.exit_code == 0
     line = next(x for x in listed.stdout.splitlines() if x.startswith("signed@example.org"))
-    assert line.startswith("signed@example.org\tactive\tEurope\tSig\tsignup\t")
-    assert line.split("\t")[6] == sig["confirmed_at"]
+    assert line.split()[:5] == ["signed@example.org", "active", "Europe", "Sig", "signup"]
+    assert line.split()[6] == sig["confirmed_at"]
     line = next(x for x in listed.stdout.splitlines() if x.startswith("imported@example.org"))
-    assert line.endswith("\t-")  # never confirmed
+    assert line.endswith("  -")  # never confirmed
+    as_json = json.loads(run(env, "subscribers", "list", "--json").stdout)["subscribers"]
+    by_email = {s["email"]: s for s in as_json}
+    assert by_email["signed@example.org"]["confirmed_at"] == sig["confirmed_at"]
+    assert by_email["signed@example.org"]["source"] == "signup"
+    assert by_email["imported@example.org"]["confirmed_at"] is None
 
     # The export re-imports as it is: the consent columns are accepted and ignored.
     backup = env.config_path.parent / "backup.csv"
