@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from digest import store
 from digest.errors import UsageError
 from digest.models import Subscriber, SubscriberStatus, consent_source
+from digest.spreadsheet import neutralize, restore
 
 CHUNK_SIZE: Final = 1000
 """Rows per lookup/insert/commit: large enough to amortize the round trips, small enough
@@ -640,8 +641,9 @@ def _cell(cells: list[str], index: int | None) -> str | None:
     """The cell of a column; None when the file has no such column."""
     if index is None:
         return None
-    # A short row leaves its trailing cells empty, the same as ",,".
-    return cells[index] if index < len(cells) else ""
+    # A short row leaves its trailing cells empty, the same as ",,". An exported cell
+    # that was made spreadsheet-safe ('=…) comes back as it was.
+    return restore(cells[index]) if index < len(cells) else ""
 
 
 def _toml_rows(path: Path) -> list[_RawRow | RejectedRow]:
@@ -741,22 +743,23 @@ def export_csv(session: Session, out: TextIO) -> int:
     Columns: ``email,name,regions,status`` and then the consent record
     ``source,subscribed_at,confirmed_at`` (see :func:`consent_record`).
     Regions are joined by ';' (empty = every section), so the file re-imports unchanged.
-    Lines end in "\\n" rather than csv's default "\\r\\n", which a text-mode stream on
-    Windows would turn into "\\r\\r\\n". Subscribers are streamed in id-ordered batches;
-    note that this detaches objects from ``session`` as it goes.
+    Cells a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first)
+    get a leading ``'`` (see :mod:`digest.spreadsheet`); import takes it off. Lines end
+    in "\\n" rather than csv's default "\\r\\n", which a text-mode stream on Windows
+    would turn into "\\r\\r\\n". Subscribers are streamed in id-ordered batches; note
+    that this detaches objects from ``session`` as it goes.
     """
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(("email", "name", "regions", "status", *CONSENT_COLUMNS))
     count = 0
     for sub in store.iter_subscribers(session):
-        writer.writerow(
-            (
-                sub.email,
-                sub.name,
-                ";".join(sub.regions or ()),
-                str(sub.status),
-                *consent_record(sub),
-            )
+        row = (
+            sub.email,
+            sub.name,
+            ";".join(sub.regions or ()),
+            str(sub.status),
+            *consent_record(sub),
         )
+        writer.writerow([neutralize(cell) for cell in row])
         count += 1
     return count
