@@ -111,8 +111,15 @@ def test_the_preheader_leads_the_text_and_takes_no_room(example_html: str) -> No
             assert first.startswith("Japan and South Korea open talks")
             box = page.locator("body > div").first.bounding_box()
             assert box is not None and box["height"] == 0
-            # What a reader sees first is the masthead, at the very top of the page.
-            masthead = page.get_by_text("The Foreign Desk").first.bounding_box()
-            assert masthead is not None and masthead["y"] < 80
+            # Its text is drawn nowhere: the glyphs themselves take no area.
+            ink = page.evaluate(
+                """() => { const r = document.createRange();
+                   r.selectNodeContents(document.querySelector('body > div'));
+                   const b = r.getBoundingClientRect(); return [b.width, b.height]; }"""
+            )
+            assert ink == [0, 0]
+            # The page's layout starts where the preheader is: it pushes nothing down.
+            after = page.locator("body > div + table").first.bounding_box()
+            assert after is not None and after["y"] == box["y"]
         finally:
             browser.close()
