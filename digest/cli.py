@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from digest import pipeline
 from digest.config import Config, default_config_path, load_config
-from digest.errors import DigestError
+from digest.errors import DigestError, UsageError
 from digest.send import SendStats
 
 if TYPE_CHECKING:
@@ -25,12 +25,35 @@ if TYPE_CHECKING:
     from digest.subscribers import ImportReport
 
 
+def _usage_error(exc: click.UsageError) -> click.exceptions.Exit:
+    """Print click's usage error as one line, like every other error; exit 2."""
+    where = exc.ctx.command_path if exc.ctx is not None else "digest"
+    click.echo(f"digest: error: {exc.format_message()} (see `{where} --help`)", err=True)
+    return click.exceptions.Exit(exc.exit_code)
+
+
 class DigestGroup(click.Group):
-    """A click group that turns DigestError into a one-line message and an exit code."""
+    """A click group that turns DigestError into a one-line message and an exit code.
+
+    click's own usage errors (bad option, bad value, unknown command) are printed on one
+    line too, instead of click's usage block.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from None
         except DigestError as exc:
             click.echo(f"digest: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -314,7 +337,13 @@ def preview(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        out.write_bytes(data)
+        try:
+            out.write_bytes(data)
+        except OSError as exc:
+            raise UsageError(
+                f"--out {out}: cannot write it ({exc.strerror or exc}); check that the "
+                "folder exists and is writable"
+            ) from None
         click.echo(f"wrote {out} ({len(data)} bytes)", err=True)
 
 

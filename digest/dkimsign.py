@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from digest.config import DKIM as DKIMConfig
-from digest.errors import ConfigError
+from digest.errors import ConfigError, UsageError
 
 SIGNED_HEADERS = (
     "From",
@@ -142,14 +142,24 @@ def load_signer(cfg: DKIMConfig | None) -> DKIMSigner | None:
 
 
 def keygen(path: Path, bits: int = 2048) -> str:
-    """Write a new RSA private key (mode 0600) to ``path``; return the DNS TXT value."""
+    """Write a new RSA private key (mode 0600) to ``path``; return the DNS TXT value.
+
+    Raises :class:`UsageError` when ``path`` cannot be created (a missing folder, no
+    permission, an existing file: a key is never overwritten).
+    """
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(
+            f"{path}: cannot write the key ({exc.strerror or exc}); check that the folder "
+            "exists and is writable, and that no file is there already"
+        ) from None
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return dns_record(key.public_key())

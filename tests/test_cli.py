@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
+import subprocess
+import sys
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -115,7 +118,8 @@ def test_uninitialised_database_says_run_init(config_path: Path) -> None:
     result = run(config_path, "status")
     assert result.exit_code == 1
     assert "is not initialised; run `digest init` first" in result.stderr
-    assert "Traceback" not in result.output
+    # CliRunner never prints a traceback: an unexpected exception shows up here instead.
+    assert isinstance(result.exception, SystemExit)
 
 
 def test_fetch_reports_a_broken_feed_and_keeps_the_others(tmp_path: Path, feed_file: Path) -> None:
@@ -128,10 +132,107 @@ def test_fetch_reports_a_broken_feed_and_keeps_the_others(tmp_path: Path, feed_f
     assert result.exit_code == 1
     assert "feed.xml: ok, 10 new" in result.stdout
     assert "broken.xml" in result.stderr and "missing.xml" in result.stderr
-    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
 
 
 def test_help_has_examples() -> None:
     for cmd in (["send"], ["fetch"], ["preview"], ["subscribers", "import"], ["serve"], ["status"]):
         result = CliRunner().invoke(main, [*cmd, "--help"])
         assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_preview_out_into_a_missing_folder_is_exit_2_in_one_line(
+    ready: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "missing" / "dir" / "x.html"
+    result = run(ready, "preview", "--date", "2026-11-27", "--out", str(target))
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.count("\n") == 1 and f"--out {target}: cannot write it" in result.stderr
+    assert not target.parent.exists()
+
+
+DIGEST = shutil.which("digest", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a fetched database, one subscriber, and no SMTP server listening."""
+    from tests.conftest import free_port, rss, week_items, write_config
+
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "feed.xml").write_text(rss(week_items()), encoding="utf-8")
+    config = write_config(folder, port=free_port())
+    (folder / "subs.csv").write_text("email,name,regions\nada@example.org,Ada,\n", "utf-8")
+    for args in (["init"], ["fetch"], ["subscribers", "import", str(folder / "subs.csv")]):
+        assert run(config, *args).exit_code == 0
+    (folder / "taken.pem").write_text("precious", encoding="utf-8")
+    (folder / "folder.mbox").mkdir()
+    text = config.read_text(encoding="utf-8")
+    (folder / "typo.toml").write_text(text.replace("concurrency", "concurency"), "utf-8")
+    (folder / "broken.toml").write_text("[newsletter\n", encoding="utf-8")
+    fresh = text.replace("sqlite:///digest.db", "sqlite:///fresh.db")
+    (folder / "fresh.toml").write_text(fresh, encoding="utf-8")
+    return folder
+
+
+# (arguments after --config, exit code, a fragment of the one line on stderr)
+USER_ERRORS = [
+    (["--config", "typo.toml", "status"], 2, "unknown key 'smtp.concurency'"),
+    (["--config", "nope.toml", "status"], 2, "no such config file"),
+    (["--config", "broken.toml", "status"], 2, "not valid TOML"),
+    (["--config", "fresh.toml", "status"], 1, "run `digest init` first"),
+    (["send", "--date", "27/11/2026"], 2, "use YYYY-MM-DD"),
+    (["preview", "--date", "2026-13-01"], 2, "use YYYY-MM-DD"),
+    (["deliveries", "--date", "soon"], 2, "use YYYY-MM-DD"),
+    (["send", "--bogus"], 2, "No such option '--bogus'"),
+    (["preview", "--format", "pdf"], 2, "'pdf' is not one of"),
+    (["sned"], 2, "No such command 'sned'"),
+    (["subscribers", "import", "missing.csv"], 2, "no such file"),
+    (["subscribers", "import", "config.toml.bak"], 2, "cannot import"),
+    (["preview", "--date", "2026-11-27", "--out", "missing/dir/x.html"], 2, "cannot write it"),
+    (["preview", "--date", "2026-11-27", "--out", "."], 2, "is a directory"),
+    (["preview", "--date", "2026-11-27", "--subscriber", "nobody@example.org"], 2, "nobody"),
+    (["preview", "--date", "2026-11-27", "--subscriber", "not an address"], 2, "--subscriber"),
+    (
+        [
+            "dkim",
+            "keygen",
+            "--out",
+            "missing/dir/k.pem",
+            "--selector",
+            "s",
+            "--domain",
+            "d.example",
+        ],
+        2,
+        "cannot write the key",
+    ),
+    (
+        ["dkim", "keygen", "--out", "taken.pem", "--selector", "s", "--domain", "d.example"],
+        2,
+        "refusing to overwrite",
+    ),
+    (["dkim", "keygen"], 2, "no [dkim] section"),
+    (["unsubscribe", "not an address"], 2, "is not an email address"),
+    (["bounces", "import", "missing.mbox"], 2, "missing.mbox"),
+    (["bounces", "import", "folder.mbox"], 2, "folder.mbox"),
+    (["send", "--date", "2020-01-03"], 1, "no new articles published"),
+    (["send", "--date", "2026-11-27"], 1, "cannot connect to SMTP server"),
+]
+
+
+@pytest.mark.skipif(DIGEST is None, reason="the digest console script is not installed")
+@pytest.mark.parametrize(("args", "code", "fragment"), USER_ERRORS, ids=lambda v: str(v))
+def test_the_real_binary_answers_user_errors_in_one_line(
+    prepared: Path, args: list[str], code: int, fragment: str
+) -> None:
+    assert DIGEST is not None
+    argv = args if args[0] == "--config" else ["--config", "config.toml", *args]
+    proc = subprocess.run(
+        [DIGEST, *argv], cwd=prepared, capture_output=True, text=True, timeout=120
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith("digest: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert fragment in proc.stderr

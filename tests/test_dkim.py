@@ -16,6 +16,7 @@ from digest import pipeline
 from digest.cli import main
 from digest.config import Config, load_config
 from digest.dkimsign import DKIMSigner, keygen
+from digest.errors import UsageError
 from digest.render import IssueContext, Renderer
 from digest.select import Section
 from tests.conftest import Recorder
@@ -130,3 +131,16 @@ def test_fast_body_hash_agrees_with_dkimpy_whatever_the_name(
     # The same as signing the finished message the slow, obvious way.
     plain = template.personalize(rcpt(name=name), date_header="Sat, 28 Nov 2026 10:00:00 +0000")
     assert dkim.verify(signer.sign(plain), dnsfunc=lambda _name, timeout=5: txt)
+
+
+def test_keygen_into_a_missing_folder_is_exit_2_in_one_line(
+    tmp_path: Path, config_path: Path
+) -> None:
+    key = tmp_path / "missing" / "dir" / "k.pem"
+    result = keygen_cli(config_path, key, "s", "d.example")
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)  # not an OSError escaping as a traceback
+    assert result.stderr.count("\n") == 1
+    assert f"{key}: cannot write the key (No such file or directory)" in result.stderr
+    with pytest.raises(UsageError, match="cannot write the key"):
+        keygen(key)
