@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from digest.crontab import CrontabTrigger, check_crontab
 from digest.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -125,7 +125,7 @@ class Schedule(_Section):
     @classmethod
     def _cron(cls, value: str) -> str:
         try:
-            CronTrigger.from_crontab(crontab_for_apscheduler(value), timezone="UTC")
+            check_crontab(value)
         except ValueError as exc:
             raise ValueError(
                 f"{value!r} is not a cron expression ({exc}); write five fields, "
@@ -138,9 +138,9 @@ class Schedule(_Section):
         """The schedule's time zone."""
         return ZoneInfo(self.timezone)
 
-    def cron_trigger(self) -> CronTrigger:
-        """The APScheduler trigger for ``send_cron`` in ``timezone``."""
-        return CronTrigger.from_crontab(crontab_for_apscheduler(self.send_cron), timezone=self.tz)
+    def cron_trigger(self) -> CrontabTrigger:
+        """The APScheduler trigger for ``send_cron`` in ``timezone`` (crontab meaning)."""
+        return CrontabTrigger(self.send_cron, self.tz)
 
 
 class Unsubscribe(_Section):
@@ -291,29 +291,6 @@ class Config(_Section):
     def base_dir(self) -> Path:
         """The folder relative paths resolve against."""
         return self.path.parent if self.path else Path.cwd()
-
-
-# --- crontab dialect -------------------------------------------------------------------
-
-_DOW_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-def crontab_for_apscheduler(expr: str) -> str:
-    """Translate a standard crontab expression to APScheduler 3's dialect.
-
-    APScheduler 3 numbers weekdays from Monday = 0, while crontab numbers them from
-    Sunday = 0 (7 is Sunday too). An editor who writes ``0 9 * * 5`` means Friday, so
-    numeric weekdays are rewritten as names, which both dialects read the same way.
-    """
-    fields = expr.split()
-    if len(fields) != 5:
-        raise ValueError(f"expected 5 fields, got {len(fields)}")
-    fields[4] = re.sub(
-        r"(?<![/\d])([0-7])(?!\d)",
-        lambda m: _DOW_NAMES[int(m.group(1))],
-        fields[4],
-    )
-    return " ".join(fields)
 
 
 # --- loading -----------------------------------------------------------------------------

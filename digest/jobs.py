@@ -10,10 +10,9 @@ import logging
 import threading
 from datetime import UTC, date, datetime, timedelta
 
-from apscheduler.triggers.cron import CronTrigger
-
 from digest import editorial, pipeline
 from digest.config import Config, load_config
+from digest.crontab import CrontabTrigger
 from digest.errors import AwaitingApproval, DigestError, NothingToSend
 
 log = logging.getLogger("digest.jobs")
@@ -24,7 +23,7 @@ log = logging.getLogger("digest.jobs")
 SHUTDOWN = threading.Event()
 
 
-def latest_firing(trigger: CronTrigger, now: datetime) -> datetime:
+def latest_firing(trigger: CrontabTrigger, now: datetime) -> datetime:
     """The latest cron firing at or before ``now`` (``now`` itself if none in 32 days)."""
     t = trigger.get_next_fire_time(None, now - timedelta(days=32))
     latest = None
@@ -34,7 +33,7 @@ def latest_firing(trigger: CronTrigger, now: datetime) -> datetime:
     return latest or now
 
 
-def edition_date_for(trigger: CronTrigger, now: datetime) -> date:
+def edition_date_for(trigger: CrontabTrigger, now: datetime) -> date:
     """The date of the latest cron firing at or before ``now`` (in the trigger's zone).
 
     A late firing (the service came back at 02:00 on Saturday) still sends Friday's

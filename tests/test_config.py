@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner
 
 from digest.cli import main
-from digest.config import crontab_for_apscheduler, load_config
+from digest.config import load_config
 from digest.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
+NY = ZoneInfo("America/New_York")
 
 
 def test_example_config_loads_and_resolves_paths() -> None:
@@ -153,19 +156,37 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize(
-    ("crontab", "expected"),
+    ("cron", "days"),
     [
-        ("0 9 * * 5", "0 9 * * fri"),
-        ("0 9 * * 0", "0 9 * * sun"),
-        ("0 9 * * 7", "0 9 * * sun"),
-        ("0 9 * * 1-5", "0 9 * * mon-fri"),
-        ("0 9 * * fri", "0 9 * * fri"),
-        ("*/15 9 * * *", "*/15 9 * * *"),
+        ("0 9 * * 0-5", ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri"]),
+        ("0 9 * * 0-6", ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]),
+        ("0 9 * * 1-7", ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]),
+        ("0 9 * * 5", ["Fri"]),
+        ("0 9 * * 0", ["Sun"]),
+        ("0 9 * * 7", ["Sun"]),
+        ("0 9 * * sat,sun", ["Sun", "Sat"]),
     ],
 )
-def test_crontab_weekdays_mean_what_crontab_means(crontab: str, expected: str) -> None:
-    # APScheduler 3 counts weekdays from Monday = 0; crontab from Sunday = 0.
-    assert crontab_for_apscheduler(crontab) == expected
+def test_crontab_weekdays_are_accepted_and_mean_what_crontab_means(
+    tmp_path: Path, cron: str, days: list[str]
+) -> None:
+    config = load_config(edit(tmp_path, 'send_cron = "0 9 * * fri"', f'send_cron = "{cron}"'))
+    trigger = config.schedule.cron_trigger()
+    # A week of firings from Sunday 2026-11-22 00:00 in the schedule's zone.
+    t = trigger.get_next_fire_time(None, datetime(2026, 11, 22, tzinfo=NY))
+    fired = []
+    while t < datetime(2026, 11, 29, tzinfo=NY):
+        fired.append(t)
+        t = trigger.get_next_fire_time(t, t)
+    assert [f"{f:%a}" for f in fired] == days
+    assert {(f.hour, f.minute) for f in fired} == {(9, 0)} and fired[0].tzinfo is not None
+
+
+@pytest.mark.parametrize("cron", ["0 9 * * 5-0", "0 9 * * fri-sun", "0 9 * 12-1 *", "0 9 * * 8"])
+def test_invalid_crontab_ranges_are_rejected(tmp_path: Path, cron: str) -> None:
+    path = edit(tmp_path, 'send_cron = "0 9 * * fri"', f'send_cron = "{cron}"')
+    with pytest.raises(ConfigError, match=r"key 'schedule.send_cron': .* is not a cron expression"):
+        load_config(path)
 
 
 def test_old_unsubscribe_secrets_from_the_file_and_the_environment(

@@ -150,7 +150,7 @@ def test_unchanged_jobs_keep_their_stored_run_time(config_path: Path, feed_file:
         sync_jobs(scheduler, config)
         job = scheduler.get_job(SEND_JOB)
         assert job is not None and job.next_run_time == past
-        assert str(job.trigger).startswith("cron[") and "day_of_week='fri'" in str(job.trigger)
+        assert str(job.trigger) == "crontab[0 9 * * fri, America/New_York]"
     finally:
         scheduler.shutdown(wait=False)
 
