@@ -8,6 +8,9 @@ signature with dkimpy, so the two implementations are held to agree.
 
 ``h=`` lists the headers Gmail and Yahoo require for one-click unsubscribe
 (List-Unsubscribe and List-Unsubscribe-Post) and those a forger would want to change.
+Those a forger would want to *add* (a second From:, a Reply-To: where there was none)
+are listed once more than they occur ("oversigning", RFC 6376 8.15): a verifier then
+signs an empty value for the extra entry, and any added copy breaks the signature.
 """
 
 from __future__ import annotations
@@ -39,6 +42,21 @@ SIGNED_HEADERS = (
     "Content-Type",
 )
 
+# Headers a forger could add to change what the reader sees or where replies and
+# unsubscribes go; each is listed in h= once more than the message carries it.
+OVERSIGNED = frozenset(
+    {
+        "from",
+        "to",
+        "subject",
+        "date",
+        "reply-to",
+        "message-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
+)
+
 _WSP_RUN = re.compile(rb"[ \t]+")
 _WSP_EOL = re.compile(rb" \r\n")
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
@@ -62,14 +80,26 @@ def canonical_header(name: bytes, value: bytes) -> bytes:
     return name.strip().lower() + b":" + value
 
 
-def _split_headers(head: bytes) -> dict[bytes, tuple[bytes, bytes]]:
-    """Header name (lower-case) → (name, raw value), the last occurrence winning."""
-    out: dict[bytes, tuple[bytes, bytes]] = {}
-    for field in re.split(rb"\r\n(?![ \t])", head):
+def _split_headers(head: bytes) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Header name (lower-case) → its (name, raw value) fields, last occurrence first
+    (the order in which a verifier takes them, RFC 6376 5.4.2)."""
+    out: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for field in reversed(re.split(rb"\r\n(?![ \t])", head)):
         if b":" in field:
             name, value = field.split(b":", 1)
-            out[name.strip().lower()] = (name, value)
+            out.setdefault(name.strip().lower(), []).append((name, value))
     return out
+
+
+def _fold_list(names: list[str], width: int = 70) -> bytes:
+    """The h= value, folded after a colon before ``width`` (FWS is allowed there)."""
+    lines = [""]
+    for i, name in enumerate(names):
+        piece = name + (":" if i < len(names) - 1 else "")
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\r\n\t".join(lines).encode()
 
 
 class DKIMSigner:
@@ -99,22 +129,28 @@ class DKIMSigner:
     def signature_header(self, head: bytes, body_hash: bytes, now: int | None = None) -> bytes:
         """The DKIM-Signature header line(s) for a header block and a body hash (base64)."""
         headers = _split_headers(head.removesuffix(b"\r\n"))
-        bh = body_hash
-        names = [n for n in SIGNED_HEADERS if n.lower().encode() in headers]
+        names: list[str] = []
+        signed = b""
+        for n in SIGNED_HEADERS:
+            fields = headers.get(n.lower().encode(), [])
+            names += [n] * (len(fields) + (n.lower() in OVERSIGNED))
+            # The extra (oversigned) entry matches no field and adds nothing here.
+            signed += b"".join(canonical_header(*f) + b"\r\n" for f in fields)
+        # Folded before signing: the fold inside h= is signed as the single space that
+        # relaxed canonicalization turns it into, as a verifier will see it.
         tags = (
-            f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={self.domain}; s={self.selector}; "
-            f"t={now if now is not None else int(time.time())}; h={':'.join(names)}; "
-            f"bh={bh.decode()}; b="
-        ).encode()
-        signed = b"".join(
-            canonical_header(*headers[n.lower().encode()]) + b"\r\n" for n in names
-        ) + canonical_header(b"DKIM-Signature", tags)
-        sig = base64.b64encode(self._key.sign(signed, padding.PKCS1v15(), hashes.SHA256()))
-        # Folding after signing is safe: relaxed canonicalization unfolds, and whitespace
-        # inside b= is ignored by verifiers.
-        folded = tags.replace(b"; ", b";\r\n\t") + b"\r\n\t".join(
-            sig[i : i + 72] for i in range(0, len(sig), 72)
+            (
+                f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={self.domain}; s={self.selector}; "
+                f"t={now if now is not None else int(time.time())}; h="
+            ).encode()
+            + _fold_list(names)
+            + f"; bh={body_hash.decode()}; b=".encode()
         )
+        tags = tags.replace(b"; ", b";\r\n\t")
+        signed += canonical_header(b"DKIM-Signature", tags)
+        sig = base64.b64encode(self._key.sign(signed, padding.PKCS1v15(), hashes.SHA256()))
+        # Whitespace inside b= is ignored by verifiers, so b= may be folded after signing.
+        folded = tags + b"\r\n\t".join(sig[i : i + 72] for i in range(0, len(sig), 72))
         return b"DKIM-Signature: " + folded + b"\r\n"
 
 

@@ -144,3 +144,48 @@ def test_keygen_into_a_missing_folder_is_exit_2_in_one_line(
     assert f"{key}: cannot write the key (No such file or directory)" in result.stderr
     with pytest.raises(UsageError, match="cannot write the key"):
         keygen(key)
+
+
+ADDED = [
+    b"From: The Test Desk <roundup@attacker.example>",
+    b"Reply-To: refunds@attacker.example",
+    b"To: someone-else@example.org",
+    b"Subject: Your account is suspended",
+    b"Date: Mon, 1 Jan 2024 00:00:00 +0000",
+    b"Message-ID: <forged@attacker.example>",
+    b"List-Unsubscribe: <https://attacker.example/unsubscribe>",
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+]
+
+
+@pytest.mark.parametrize("reply_to", [None, "Desk <desk@news.example.org>"])
+@pytest.mark.parametrize("where", ["top", "bottom"])
+def test_an_added_header_breaks_the_signature(
+    tmp_path: Path, config: Config, reply_to: str | None, where: str
+) -> None:
+    key = tmp_path / "k.pem"
+    txt = keygen(key).encode()
+    signer = DKIMSigner("news.example.org", "s", key.read_bytes())
+    newsletter = config.newsletter.model_copy(update={"reply_to": reply_to})
+    renderer = Renderer(config.model_copy(update={"newsletter": newsletter}))
+    secs = [Section("Europe", [Art(1, "Title", "https://n.example/a")])]
+    raw = renderer.edition(IssueContext(date(2026, 11, 27), 1), secs).personalize(
+        rcpt(), dkim=signer
+    )
+
+    def dns(_name: bytes, timeout: int = 5) -> bytes:
+        return txt
+
+    assert dkim.verify(raw, dnsfunc=dns)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    sig = re.search(rb"DKIM-Signature:.*?(?=\r\n[^ \t])", head, re.S).group(0)
+    h = re.search(rb"h=([^;]+)", re.sub(rb"\r\n[ \t]", b"", sig)).group(1).lower().split(b":")
+    for name in (b"from", b"to", b"subject", b"date", b"message-id", b"list-unsubscribe"):
+        assert h.count(name) == 2, h  # once for the header, once for any added copy
+    assert h.count(b"reply-to") == (2 if reply_to else 1)
+    assert max(len(line) for line in sig.split(b"\r\n")) <= 78
+    for added in ADDED:
+        tampered = (
+            added + b"\r\n" + raw if where == "top" else head + b"\r\n" + added + b"\r\n\r\n" + body
+        )
+        assert not dkim.verify(tampered, dnsfunc=dns), added
