@@ -7,17 +7,17 @@ with a 5.x.x status), marks the delivery it reports on ``failed`` and counts a h
 against the subscriber; :data:`~digest.pipeline.BOUNCE_THRESHOLD` consecutive ones make the
 subscriber ``bounced``, and later issues no longer create deliveries for them.
 
-Matching a report to a delivery, most certain first:
+Matching a report to a delivery: the original message's Message-ID (from the report's
+``message/rfc822`` or ``text/rfc822-headers`` part). Ours encode the issue and subscriber
+and carry an HMAC tag (:class:`~digest.tokens.MessageTags`); the stored delivery must
+carry exactly that id, and when the report names a recipient, it must be the
+subscriber's address.
 
-1. The original message's Message-ID (from the report's ``message/rfc822`` or
-   ``text/rfc822-headers`` part). Ours encode the issue and subscriber, and the stored
-   delivery must carry exactly that id; when the report names a recipient, it must be
-   the subscriber's address.
-2. Otherwise the report's ``Final-Recipient`` → subscriber → their newest delivery the
-   SMTP server had accepted *before the report was written* (its ``Arrival-Date`` or
-   ``Date``). The date bound matters because bounce mailboxes grow: re-importing an old
-   report after next week's send must not pin it on next week's delivery. A report with
-   neither date is therefore left unmatched.
+Anyone can send a bounce mailbox a report naming any address, and the issue and
+subscriber numbers in an id are guessable: a report counts only when the id it quotes
+carries a valid tag, which only a message we sent can show. Every other hard bounce
+(no original headers, a foreign id, an id without a valid tag, such as one sent before
+tags existed) is counted as ``ignored`` and changes nothing.
 
 The import is idempotent: a report whose delivery is already ``failed`` is counted as
 ``already_recorded`` and changes nothing, so the same mailbox can be imported every week.
@@ -32,7 +32,7 @@ import mailbox
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.message import Message
 from email.parser import HeaderParser
 from email.utils import parsedate_to_datetime
@@ -45,16 +45,15 @@ from digest import store
 from digest.errors import UsageError
 from digest.models import Delivery, DeliveryStatus
 from digest.subscribers import normalize_email
+from digest.tokens import MessageTags
 
 # The Message-ID ``pipeline.message_id`` gives each (issue, subscriber).
 _OUR_MESSAGE_ID: Final = re.compile(
-    r"<(?P<date>\d{8})\.(?P<issue>\d+)\.(?P<subscriber>\d+)\.digest@[^<>\s@]+>"
+    r"<(?P<local>(?P<date>\d{8})\.(?P<issue>\d+)\.(?P<subscriber>\d+))"
+    r"\.(?P<tag>[a-z2-7]{16})\.digest@[^<>\s@]+>"
 )
 # RFC 3463 enhanced status code; a Status field may carry a comment after it.
 _STATUS_CODE: Final = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
-# Clock skew between the reporting MTA and us: a report dated a little before our own
-# sent_at still belongs to that delivery. Far below the week between issues.
-_CLOCK_SLACK: Final = timedelta(hours=1)
 _ERROR_MAX: Final = 500  # keep a chatty Diagnostic-Code from bloating the ledger
 
 
@@ -63,8 +62,9 @@ class BounceReport:
     """What one import found, counted per recipient report (per message when not a DSN).
 
     ``unrelated``: not a failure report at all (ordinary mail, a success or relay notice,
-    an unparseable message). ``unmatched``: a hard bounce that could not be tied to one
-    of our deliveries, so nothing was recorded.
+    an unparseable message). ``ignored``: a hard bounce that does not quote a Message-ID
+    carrying our valid tag, so it may be forged; nothing was recorded. ``unmatched``: a
+    hard bounce about one of our messages that fits no delivery; nothing was recorded.
     """
 
     hard: int = 0
@@ -72,6 +72,7 @@ class BounceReport:
     unrelated: int = 0
     unmatched: int = 0
     already_recorded: int = 0
+    ignored: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,15 +259,18 @@ def _messages(path: Path) -> Iterator[bytes | None]:
 # --- import ----------------------------------------------------------------------------------
 
 
-def import_bounces(sessions: sessionmaker[Session], path: Path, threshold: int = 3) -> BounceReport:
+def import_bounces(
+    sessions: sessionmaker[Session], path: Path, threshold: int = 3, *, tags: MessageTags
+) -> BounceReport:
     """Record every hard bounce in the mbox file or Maildir folder at ``path``.
 
     Soft bounces (4.x.x, ``Action: delayed``) are counted and ignored: the send retries
-    those itself. Safe to run again on the same mailbox. Raises :class:`UsageError`
-    when ``path`` is not a readable mailbox.
+    those itself. A hard bounce counts only when it quotes one of our Message-IDs with a
+    valid tag (``tags``, see :func:`digest.pipeline.message_tags`). Safe to run again on
+    the same mailbox. Raises :class:`UsageError` when ``path`` is not a readable mailbox.
 
-    >>> import_bounces(app.sessions, Path("/var/mail/bounces"))  # doctest: +SKIP
-    BounceReport(hard=2, soft_ignored=1, unrelated=5, unmatched=0, already_recorded=0)
+    >>> import_bounces(app.sessions, Path("/var/mail/bounces"), tags=tags)  # doctest: +SKIP
+    BounceReport(hard=2, soft_ignored=1, unrelated=5, unmatched=0, already_recorded=0, ...)
     """
     report = BounceReport()
     with sessions() as session:
@@ -275,7 +279,9 @@ def import_bounces(sessions: sessionmaker[Session], path: Path, threshold: int =
             if dsn is None:
                 report.unrelated += 1
                 continue
-            changed = [_apply(session, dsn, rcpt, threshold, report) for rcpt in dsn.recipients]
+            changed = [
+                _apply(session, dsn, rcpt, threshold, report, tags) for rcpt in dsn.recipients
+            ]
             if any(changed):
                 # Commit per report rather than once at the end: on SQLite the write lock
                 # is held until commit, and a `digest send` may be writing its ledger.
@@ -284,7 +290,12 @@ def import_bounces(sessions: sessionmaker[Session], path: Path, threshold: int =
 
 
 def _apply(
-    session: Session, dsn: DSN, rcpt: RecipientStatus, threshold: int, report: BounceReport
+    session: Session,
+    dsn: DSN,
+    rcpt: RecipientStatus,
+    threshold: int,
+    report: BounceReport,
+    tags: MessageTags,
 ) -> bool:
     """Count one recipient's report; True when it recorded a new hard bounce."""
     if rcpt.action not in ("failed", "delayed"):
@@ -293,7 +304,11 @@ def _apply(
     if not rcpt.is_hard:
         report.soft_ignored += 1
         return False
-    delivery = _match(session, dsn, rcpt)
+    found = _OUR_MESSAGE_ID.fullmatch(dsn.original_message_id or "")
+    if found is None or not tags.valid(found["local"], found["tag"]):
+        report.ignored += 1  # not provably about a message we sent: maybe forged
+        return False
+    delivery = _match(session, dsn, rcpt, found)
     if delivery is not None and delivery.status == DeliveryStatus.FAILED:
         report.already_recorded += 1
         return False
@@ -310,21 +325,15 @@ def _apply(
     return True
 
 
-def _match(session: Session, dsn: DSN, rcpt: RecipientStatus) -> Delivery | None:
+def _match(
+    session: Session, dsn: DSN, rcpt: RecipientStatus, found: re.Match[str]
+) -> Delivery | None:
     named = {a for a in (rcpt.final_recipient, rcpt.original_recipient) if a}
-    found = _OUR_MESSAGE_ID.fullmatch(dsn.original_message_id or "")
-    if found is not None:
-        delivery = store.delivery_for(session, int(found["issue"]), int(found["subscriber"]))
-        if delivery is None or delivery.message_id != dsn.original_message_id:
-            return None
-        subscriber = store.subscriber_by_id(session, delivery.subscriber_id)
-        # A report about someone else than the id's subscriber is not trusted for either.
-        if subscriber is None or (named and subscriber.email not in named):
-            return None
-        return delivery
-    if rcpt.final_recipient is None or dsn.reported_at is None:
+    delivery = store.delivery_for(session, int(found["issue"]), int(found["subscriber"]))
+    if delivery is None or delivery.message_id != dsn.original_message_id:
         return None
-    sub = store.subscriber_by_email(session, rcpt.final_recipient)
-    if sub is None:
+    subscriber = store.subscriber_by_id(session, delivery.subscriber_id)
+    # A report about someone else than the id's subscriber is not trusted for either.
+    if subscriber is None or (named and subscriber.email not in named):
         return None
-    return store.latest_accepted_delivery(session, sub.id, dsn.reported_at + _CLOCK_SLACK)
+    return delivery

@@ -579,18 +579,26 @@ def bounces_import(obj: Obj, path: Path) -> None:
     """Record hard bounces from the DSNs in PATH (an mbox file or a Maildir folder).
 
     A hard bounce (5.x.x) marks its delivery failed; after 3 in a row the subscriber is
-    set to bounced and gets no further issues. Soft bounces and other mail are counted
-    and left alone. Safe to run again on the same mailbox; the mailbox is only read.
+    set to bounced and gets no further issues. Only reports quoting the tagged
+    Message-ID of a message digest sent count; others (possibly forged) are ignored.
+    Soft bounces and other mail are counted and left alone. Safe to run again on the
+    same mailbox; the mailbox is only read.
 
     Example: digest bounces import /var/mail/bounces
     """
     from digest.bounces import import_bounces
 
-    report = import_bounces(obj.app().sessions, path, pipeline.BOUNCE_THRESHOLD)
+    report = import_bounces(
+        obj.app().sessions,
+        path,
+        pipeline.BOUNCE_THRESHOLD,
+        tags=pipeline.message_tags(obj.config),
+    )
     click.echo(
         f"{report.hard} hard bounces recorded, {report.already_recorded} already recorded, "
         f"{report.soft_ignored} soft ignored, {report.unmatched} unmatched, "
-        f"{report.unrelated} unrelated"
+        f"{report.unrelated} unrelated, {report.ignored} ignored (not about a message "
+        "carrying our tag)"
     )
 
 

@@ -38,7 +38,7 @@ from digest.send import (
     transport_factory,
 )
 from digest.store import Claimed
-from digest.tokens import TokenSigner
+from digest.tokens import MessageTags, TokenSigner
 
 # Three hard bounces in a row and we stop mailing an address: mailbox providers read
 # repeated sends to dead addresses as a spammer's sign.
@@ -165,9 +165,20 @@ def issue_context(edition_date: date, issue: Issue | None) -> IssueContext:
     return IssueContext(edition_date, issue.id, issue.lead_article_id, issue.note)
 
 
-def message_id(issue: Issue, subscriber_id: int, domain: str) -> str:
-    """The stable Message-ID of one (issue, subscriber): a re-send collapses into the first."""
-    return f"<{issue.edition_date:%Y%m%d}.{issue.id}.{subscriber_id}.digest@{domain}>"
+def message_tags(config: Config) -> MessageTags:
+    """The tags that mark our Message-IDs (see :class:`digest.tokens.MessageTags`)."""
+    return MessageTags(config.unsubscribe_secret, config.unsubscribe_old_secrets)
+
+
+def message_id(issue: Issue, subscriber_id: int, domain: str, tags: MessageTags) -> str:
+    """The stable Message-ID of one (issue, subscriber): a re-send collapses into the first.
+
+    It carries an HMAC tag, so a bounce report quoting it provably concerns a message we
+    sent (``bounces.py`` ignores reports about ids without a valid tag). The ledger keeps
+    the id of the first attempt, and a resumed send reuses that stored id.
+    """
+    local = f"{issue.edition_date:%Y%m%d}.{issue.id}.{subscriber_id}"
+    return f"<{local}.{tags.tag(local)}.digest@{domain}>"
 
 
 class Editions:
@@ -260,7 +271,7 @@ def preview(
                 sub.email,
                 sub.name,
                 signer.url(config.unsubscribe.base_url, sub.id, sub.email),
-                message_id(fake_issue, sub.id, renderer.domain),
+                message_id(fake_issue, sub.id, renderer.domain, message_tags(config)),
                 preferences_signer(config).url(config.unsubscribe.base_url, sub.id, sub.email),
             )
     raw = template.personalize(rcpt, dkim=load_signer(config.dkim))
@@ -490,6 +501,7 @@ async def _send_async(
     prefs = preferences_signer(config)
 
     Job = tuple[Claimed, MessageTemplate, Recipient]
+    tags = message_tags(config)
 
     def claimed_jobs() -> Iterator[list[Job]]:
         """Claimed deliveries in keyset order, in chunks; empty editions recorded as skipped."""
@@ -517,7 +529,7 @@ async def _send_async(
                             )
                         )
                         continue
-                    mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain)
+                    mid = c.message_id or message_id(issue, c.subscriber_id, renderer.domain, tags)
                     url = signer.url(config.unsubscribe.base_url, c.subscriber_id, c.email)
                     prefs_url = prefs.url(config.unsubscribe.base_url, c.subscriber_id, c.email)
                     jobs.append((c, template, Recipient(c.email, c.name, url, mid, prefs_url)))

@@ -779,26 +779,6 @@ def delivery_for(session: Session, issue_id: int, subscriber_id: int) -> Deliver
     )
 
 
-def latest_accepted_delivery(
-    session: Session, subscriber_id: int, sent_before: datetime
-) -> Delivery | None:
-    """The subscriber's newest delivery the SMTP server accepted at or before ``sent_before``.
-
-    Whatever its status now: a bounce already recorded has turned it ``failed``, and the
-    caller must see that rather than fall through to an older delivery.
-    """
-    return session.scalar(
-        select(Delivery)
-        .where(
-            Delivery.subscriber_id == subscriber_id,
-            Delivery.sent_at.is_not(None),
-            Delivery.sent_at <= sent_before,
-        )
-        .order_by(Delivery.sent_at.desc(), Delivery.id.desc())
-        .limit(1)
-    )
-
-
 def mark_delivery_bounced(session: Session, delivery: Delivery, error: str) -> None:
     """Record a bounce report against a delivery the SMTP server had accepted."""
     delivery.status = DeliveryStatus.FAILED
