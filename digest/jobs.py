@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 
 from digest import editorial, pipeline
@@ -21,6 +23,21 @@ log = logging.getLogger("digest.jobs")
 # scheduler's worker threads, which cannot receive them; this is the one way to tell a
 # running send to finish its in-flight messages and stop.
 SHUTDOWN = threading.Event()
+
+
+@contextmanager
+def _opened(config: Config) -> Iterator[pipeline.App]:
+    """The app for one job run, its engine disposed afterwards.
+
+    `digest run` lives for months and runs a job every few minutes: an engine left
+    behind per run keeps its pooled connections (and, on PostgreSQL, a server backend
+    each) until the process ends.
+    """
+    app = pipeline.open_app(config)
+    try:
+        yield app
+    finally:
+        app.engine.dispose()
 
 
 def latest_firing(trigger: CrontabTrigger, now: datetime) -> datetime:
@@ -51,7 +68,8 @@ def scheduled_send(config_path: str, now: datetime | None = None) -> None:
     now = now or datetime.now(UTC)
     edition = edition_date_for(config.schedule.cron_trigger(), now)
     try:
-        report = pipeline.send(pipeline.open_app(config), edition, stop=SHUTDOWN)
+        with _opened(config) as app:
+            report = pipeline.send(app, edition, stop=SHUTDOWN)
     except AwaitingApproval as exc:
         grace = timedelta(hours=config.schedule.misfire_grace_hours)
         deadline = latest_firing(config.schedule.cron_trigger(), now) + grace
@@ -77,7 +95,8 @@ def scheduled_send(config_path: str, now: datetime | None = None) -> None:
 def scheduled_fetch(config_path: str) -> None:
     """Fetch every feed; feed errors are logged, not raised (the next fetch retries)."""
     config = load_config(config_path)
-    report = pipeline.fetch(pipeline.open_app(config))
+    with _opened(config) as app:
+        report = pipeline.fetch(app)
     for r in report.feeds:
         if r.error:
             log.warning("fetch %s: %s", r.feed, r.error)
@@ -108,27 +127,27 @@ def _resume(config: Config, now: datetime, only_unstarted: bool) -> None:
     trigger = config.schedule.cron_trigger()
     fired = latest_firing(trigger, now)
     edition = fired.astimezone(trigger.timezone).date()
-    app = pipeline.open_app(config)
-    if not pipeline.has_open_issue(app, edition) or editorial.is_missed(app, edition):
-        return
-    if only_unstarted and not editorial.unstarted(app, edition):
-        return  # the resume job finishes a send that has started
-    if editorial.waiting_for_approval(app, edition):
-        if now > fired + timedelta(hours=config.schedule.misfire_grace_hours):
-            pipeline.record_missed(app, edition, fired)
-            log.warning(
-                "send %s: not approved within misfire_grace_hours of %s; recorded as missed "
-                "(`digest send --date %s` sends it late once approved)",
-                edition,
-                fired,
-                edition,
-            )
-        return
-    log.info("sending %s", edition)
-    try:
-        pipeline.send(app, edition, stop=SHUTDOWN)
-    except DigestError as exc:
-        log.warning("resume %s: %s", edition, exc)
+    with _opened(config) as app:
+        if not pipeline.has_open_issue(app, edition) or editorial.is_missed(app, edition):
+            return
+        if only_unstarted and not editorial.unstarted(app, edition):
+            return  # the resume job finishes a send that has started
+        if editorial.waiting_for_approval(app, edition):
+            if now > fired + timedelta(hours=config.schedule.misfire_grace_hours):
+                pipeline.record_missed(app, edition, fired)
+                log.warning(
+                    "send %s: not approved within misfire_grace_hours of %s; recorded as missed "
+                    "(`digest send --date %s` sends it late once approved)",
+                    edition,
+                    fired,
+                    edition,
+                )
+            return
+        log.info("sending %s", edition)
+        try:
+            pipeline.send(app, edition, stop=SHUTDOWN)
+        except DigestError as exc:
+            log.warning("resume %s: %s", edition, exc)
 
 
 def scheduled_draft(config_path: str, now: datetime | None = None) -> None:
@@ -136,25 +155,26 @@ def scheduled_draft(config_path: str, now: datetime | None = None) -> None:
     config = load_config(config_path)
     now = now or datetime.now(UTC)
     edition = editorial.next_send_date(config, now)
-    app = pipeline.open_app(config)
-    report = pipeline.fetch(app)
-    for r in report.feeds:
-        if r.error:
-            log.warning("fetch %s: %s", r.feed, r.error)
-    try:
-        view, copies = editorial.draft_and_copy(app, edition)
-    except DigestError as exc:
-        log.warning("draft %s: %s", edition, exc)
-        return
-    log.info("draft %s built (%s): %s", edition, view.status, view.subject)
-    for copy in copies:
-        level = logging.INFO if copy.ok else logging.WARNING
-        log.log(level, "draft %s: test copy to %s: %s", edition, copy.address, copy.reply)
+    with _opened(config) as app:
+        report = pipeline.fetch(app)
+        for r in report.feeds:
+            if r.error:
+                log.warning("fetch %s: %s", r.feed, r.error)
+        try:
+            view, copies = editorial.draft_and_copy(app, edition)
+        except DigestError as exc:
+            log.warning("draft %s: %s", edition, exc)
+            return
+        log.info("draft %s built (%s): %s", edition, view.status, view.subject)
+        for copy in copies:
+            level = logging.INFO if copy.ok else logging.WARNING
+            log.log(level, "draft %s: test copy to %s: %s", edition, copy.address, copy.reply)
 
 
 def record_missed(config_path: str, scheduled_at: datetime) -> date:
     """Remember a send the scheduler skipped as too late, for ``digest status``."""
     config = load_config(config_path)
     edition = scheduled_at.astimezone(config.schedule.tz).date()
-    pipeline.record_missed(pipeline.open_app(config), edition, scheduled_at)
+    with _opened(config) as app:
+        pipeline.record_missed(app, edition, scheduled_at)
     return edition
