@@ -27,6 +27,7 @@ The mailbox itself is only read, never modified.
 from __future__ import annotations
 
 import email
+import email.errors
 import email.policy
 import mailbox
 import re
@@ -113,9 +114,11 @@ def parse_dsn(raw: bytes) -> DSN | None:
         if str(msg.get_param("report-type", "")).lower() != "delivery-status":
             return None
         return _parse_report(msg)
-    except Exception:
-        # The lenient parser can still raise a zoo of errors on hostile input (bad
-        # encodings, broken MIME nesting); such a message is simply not a report we use.
+    except (email.errors.MessageError, ValueError, LookupError):
+        # What hostile input can make the lenient parser raise: a malformed header
+        # (MessageError), bad encodings or base64 (ValueError, UnicodeError), unknown
+        # charsets (LookupError). Such a message is simply not a report we use. Anything
+        # else is a bug and must not pass for "not a bounce".
         return None
 
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digest import pipeline, store
-from digest.bounces import BounceReport, import_bounces, parse_dsn
+from digest.bounces import DSN, BounceReport, import_bounces, parse_dsn
 from digest.cli import main
 from digest.errors import UsageError
 from digest.models import Delivery, DeliveryStatus, SubscriberStatus
@@ -408,3 +410,46 @@ def test_forged_reports_naming_a_subscriber_bounce_nobody(
     genuine = write_mbox(tmp_path / "real.mbox", [dsn(victim, sent_to(server, victim, D27))])
     assert import_bounces(app.sessions, genuine, tags=tags_of(app)).hard == 1
     assert subscriber(app, victim) == ("active", 1)
+
+
+def test_a_bug_is_not_taken_for_a_message_that_is_not_a_report() -> None:
+    # parse_dsn used to swallow every exception: a caller passing text instead of bytes
+    # (or any bug inside the parser) silently read as "not a DSN", and bounces were lost.
+    with pytest.raises((TypeError, AttributeError)):
+        parse_dsn("From: x\n\nnot bytes")  # type: ignore[arg-type]
+
+
+_JUNK = [b"=?", b"?=", b"\xff", b"\x00", b"\r\n", b";", b'"', b"--", b"(", b"<", b"\t"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 10**6), st.sampled_from(_JUNK)), max_size=12
+    ),
+    extra=st.sampled_from(
+        [
+            b"",
+            b"Content-Transfer-Encoding: base64\r\n",
+            b"Content-Type: multipart/report; report-type*=x-bogus''delivery-status\r\n",
+            b"Status: =?x-unknown-charset?q?5.1.1?=\r\n",
+            b"Final-Recipient: rfc822; \xff\xfe@example.org\r\n",
+        ]
+    ),
+)
+def test_hostile_reports_never_stop_an_import(
+    edits: list[tuple[float, int, bytes]], extra: bytes
+) -> None:
+    raw = bytearray(extra + dsn("a@example.org", None).as_bytes())
+    for op, at, junk in edits:
+        pos = at % len(raw)
+        if op < 0.3:
+            del raw[pos : pos + 20]
+        elif op < 0.7:
+            raw[pos:pos] = junk
+        else:
+            raw[pos] = at % 256
+        if not raw:
+            raw = bytearray(b"x")
+    parsed = parse_dsn(bytes(raw))
+    assert parsed is None or isinstance(parsed, DSN)
