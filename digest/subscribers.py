@@ -475,9 +475,11 @@ def import_path(
 ) -> ImportReport:
     """Import subscribers from a ``.csv`` or ``.toml`` file (see :func:`import_entries`).
 
-    CSV: UTF-8 with or without BOM; header ``email`` plus optional ``name`` and
-    ``regions`` (any order, any case; a ``status`` column, as exported, is ignored);
-    regions separated by ';'. Rejections name the physical line (the header is line 1).
+    CSV: UTF-8 with or without BOM; fields separated by ',' or ';' (as Excel saves in
+    locales with a decimal comma; detected from the header) or tabs; header ``email``
+    plus optional ``name`` and ``regions`` (any order, any case; a ``status`` column, as
+    exported, is ignored); regions separated by ';' (quoted in a ';' file). Rejections
+    name the physical line (the header is line 1).
     TOML: ``[[subscribers]]`` tables with ``email``, optional ``name`` and ``regions``
     (a list); rejections name ``subscribers[i]`` (counted from 0, as config errors do).
 
@@ -522,6 +524,25 @@ def _open_csv(path: Path) -> TextIO:
         raise _unreadable(path, exc) from None
 
 
+_DELIMITER_NAMES: Final = {",": "commas", ";": "semicolons", "\t": "tabs"}
+_HEADER_MAX: Final = 65536  # enough for any header line; a file without newlines stops here
+
+
+def _delimiter(f: TextIO) -> str:
+    """The field delimiter, read off the header line: ',' or ';' (what Excel writes where
+    the decimal separator is a comma) or a tab. ``f`` is rewound for the reader.
+
+    Only the header is sniffed: data rows hold ';' inside cells (the regions), which
+    would mislead a guess made over them.
+    """
+    header = f.readline(_HEADER_MAX)
+    f.seek(0)
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",;\t").delimiter
+    except csv.Error:
+        return ","  # one column (or none): the delimiter does not matter
+
+
 def _csv_columns(path: Path, header: list[str] | None) -> dict[str, int]:
     if header is None:
         raise UsageError(
@@ -536,7 +557,8 @@ def _csv_columns(path: Path, header: list[str] | None) -> dict[str, int]:
             )
         if key not in CSV_COLUMNS and key not in _IGNORED_COLUMNS:
             raise UsageError(
-                f"{path}: line 1 must be the header email,name,regions (comma-separated; "
+                f"{path}: line 1 must be the header email,name,regions (separated by commas "
+                "or semicolons; "
                 f"name and regions optional), got '{_printable(','.join(header), 60)}'"
             )
         columns[key] = i
@@ -553,8 +575,9 @@ def _check_csv(path: Path) -> int:
     the number of non-blank data rows (the import's progress total)."""
     rows = 0
     with _open_csv(path) as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f)  # replaced once the delimiter is known
         try:
+            reader = csv.reader(f, delimiter=_delimiter(f))
             _csv_columns(path, next(reader, None))
             for cells in reader:
                 if any(cell.strip() for cell in cells):
@@ -595,8 +618,10 @@ def _csv_rows(path: Path) -> Iterator[_RawRow | RejectedRow]:
     """Stream the rows of an already checked CSV file, with their physical line numbers."""
     last = 1
     with _open_csv(path) as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f)  # replaced once the delimiter is known
         try:
+            delimiter = _delimiter(f)
+            reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             columns = _csv_columns(path, header)
             width = len(header or ())
@@ -614,9 +639,9 @@ def _csv_rows(path: Path) -> Iterator[_RawRow | RejectedRow]:
                 if len(cells) > width:
                     yield RejectedRow(
                         location,
-                        _printable(",".join(cells)),
+                        _printable(delimiter.join(cells)),
                         f"{len(cells)} fields but the header has {width}; "
-                        "quote values that contain commas",
+                        f"quote values that contain {_DELIMITER_NAMES[delimiter]}",
                     )
                     continue
                 yield (

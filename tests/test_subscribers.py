@@ -419,7 +419,7 @@ def test_file_that_is_not_utf8_is_refused_before_anything_is_written(
     [
         ("", "empty"),
         ("mail,name\nann@example.org,Ann\n", "header email,name,regions"),
-        ("email;name;regions\nann@example.org;Ann;\n", "comma-separated"),
+        ("email|name|regions\nann@example.org|Ann|\n", "separated by commas or semicolons"),
         ("name,regions\nAnn,\n", "no 'email' column"),
         ("email,Email\nann@example.org,x\n", "appears twice"),
     ],
@@ -723,3 +723,32 @@ def test_a_100k_row_file_is_imported_whole(sessions: sessionmaker[Session], tmp_
             select(Subscriber).where(Subscriber.email == "reader99999@example99.org")
         ).one()
         assert last.regions == ["Europe"] and last.name == "Reader 99999"
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_semicolon_and_tab_separated_files_are_detected(
+    tmp_path: Path, sessions: sessionmaker[Session], delimiter: str
+) -> None:
+    """Excel in locales with a decimal comma saves "CSV" with ';' between fields."""
+    rows = [
+        ["Email", "Name", "Regions", "Status"],
+        ["ann@example.org", "Lovelace, Ada", "Europe;Asia", "active"],
+        ["bo@example.org", "Bö 🦊 & Co", "", ""],
+        ["bad-address", "X", "", ""],
+        ["cy@example.org", "Cy", "Atlantis", ""],
+    ]
+    lines = []
+    for row in rows:
+        cells = [f'"{c}"' if (";" in c or delimiter in c or "," in c) else c for c in row]
+        lines.append(delimiter.join(cells))
+    path = write_csv(tmp_path, "\r\n".join(lines) + "\r\n", bom=True)
+    report = import_path(sessions, path, REGIONS, NOW)
+    subs = stored(sessions)
+    assert sorted(subs) == ["ann@example.org", "bo@example.org"]
+    assert subs["ann@example.org"].name == "Lovelace, Ada"
+    assert subs["ann@example.org"].regions == ["Europe", "Asia"]
+    assert subs["bo@example.org"].name == "Bö 🦊 & Co" and subs["bo@example.org"].regions is None
+    assert [(r.line, r.value) for r in report.rejected] == [
+        ("line 4", "bad-address"),
+        ("line 5", "Atlantis"),
+    ]
