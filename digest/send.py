@@ -295,7 +295,7 @@ class SendStats:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, at most ``max_attempts`` tries per run."""
+    """Exponential backoff with equal jitter, at most ``max_attempts`` tries per run."""
 
     max_attempts: int = 4
     base_seconds: float = 2.0
@@ -303,7 +303,9 @@ class RetryPolicy:
 
     def delay(self, tries: int) -> float:
         """Seconds to wait before try number ``tries + 1``."""
-        # Full jitter spreads K workers' retries so a throttling relay sees no burst.
+        # "Equal jitter": half the backoff fixed, half random. The random half spreads K
+        # workers' retries so a throttling relay sees no burst; the fixed half means no
+        # retry comes back at once (full jitter, uniform(0, backoff), can).
         backoff: float = min(self.cap_seconds, self.base_seconds * 2.0 ** (tries - 1))
         return random.uniform(0.5, 1.0) * backoff
 

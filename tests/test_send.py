@@ -13,6 +13,7 @@ from digest.cli import main
 from digest.config import load_config
 from digest.errors import SenderRejectedError, SMTPUnavailableError
 from digest.models import DeliveryStatus, IssueStatus, SubscriberStatus
+from digest.send import RetryPolicy
 from tests.conftest import Recorder, free_port, write_config
 
 D = date(2026, 11, 27)
@@ -167,7 +168,16 @@ def test_unsubscribed_between_runs_is_skipped(
     assert second.stats.sent == 0
     counts = ledger(app)
     assert counts["skipped"] == 1 and counts["sent"] == 3
-    assert DeliveryStatus.SKIPPED == "skipped"
+    # The skipped row is the reader who left, and says why; nothing is left open.
+    with app.sessions() as session:
+        issue = store.issue_for_date(session, D)
+        gone = store.subscriber_by_email(session, emails[1])
+        assert issue is not None and gone is not None
+        row = store.delivery_for(session, issue.id, gone.id)
+        assert row is not None and row.status == DeliveryStatus.SKIPPED
+        assert row.last_error == "subscriber is no longer active"
+        assert issue.status == IssueStatus.SENT
+    assert server.to(emails[1]) == []
 
 
 def test_three_consecutive_hard_bounces_mark_the_subscriber_bounced(
@@ -310,3 +320,13 @@ def test_a_refusal_of_the_recipient_counts_as_their_bounce(
     with app.sessions() as session:
         (row,) = store.failed_deliveries(session, None)
     assert row[2].last_error == reply
+
+
+def test_retry_delays_use_equal_jitter() -> None:
+    """Half the exponential backoff is fixed, half random: never an immediate retry, and
+    K workers throttled at once do not come back in lockstep."""
+    policy = RetryPolicy(max_attempts=6, base_seconds=2.0, cap_seconds=20.0)
+    for tries, backoff in [(1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0), (5, 20.0), (9, 20.0)]:
+        delays = [policy.delay(tries) for _ in range(200)]
+        assert all(backoff / 2 <= d <= backoff for d in delays)
+        assert max(delays) - min(delays) > backoff / 4  # spread, not one value
