@@ -34,6 +34,7 @@ FETCH_JOB = "digest-fetch"
 RESUME_JOB = "digest-resume"
 DRAFT_JOB = "digest-draft"
 APPROVAL_JOB = "digest-approval-wait"
+STARTUP_JOB = "digest-resume-now"  # once, at start-up
 # How often an unfinished send (killed run, deferred deliveries) is picked up again.
 RESUME_MINUTES = 15
 # How soon an approval given after the send time is acted on (while within the grace).
@@ -159,6 +160,8 @@ def run_scheduler(
                 log(f"digest run: {event.job_id} missed its run time {event.scheduled_run_time}")
             elif event.exception is not None:
                 log(f"digest run: {event.job_id} failed: {event.exception}")
+            elif event.job_id == STARTUP_JOB:
+                log("digest run: start-up check done (an unfinished send was resumed if any)")
 
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_EXECUTED | EVENT_JOB_MISSED)
         # Start paused: jobs are reconciled first, then due (missed) firings are processed.
@@ -169,7 +172,7 @@ def run_scheduler(
         scheduler.add_job(
             "digest.jobs:scheduled_resume",
             args=[str(config.path)],
-            id="digest-resume-now",
+            id=STARTUP_JOB,
             replace_existing=True,
             misfire_grace_time=None,
         )

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -21,7 +22,7 @@ from digest import pipeline, store
 from digest.cli import main
 from digest.config import load_config
 from digest.jobs import edition_date_for
-from digest.models import SubscriberStatus
+from digest.models import IssueStatus, SubscriberStatus
 from digest.schedule import SEND_JOB, build_scheduler, run_scheduler, sync_jobs
 from tests.conftest import Recorder, rss, week_items, write_config
 
@@ -87,18 +88,40 @@ def _stored_send_due_at(config_path: Path, when: datetime) -> None:
     scheduler.shutdown(wait=False)
 
 
-def _run_for(config_path: Path, seconds: float, until: threading.Event | None = None) -> list[str]:
+def _run_until(
+    config_path: Path, done: Callable[[list[str]], bool], timeout: float = 60
+) -> list[str]:
+    """Run the scheduler until ``done(logs)``, then stop it; its log lines."""
     logs: list[str] = []
-    stop = until or threading.Event()
+    stop = threading.Event()
     t = threading.Thread(target=run_scheduler, args=(load_config(config_path), logs.append, stop))
     t.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and t.is_alive():
-        time.sleep(0.1)
-    stop.set()
-    t.join(30)
+    try:
+        deadline = time.monotonic() + timeout
+        while not done(logs):
+            assert t.is_alive(), logs
+            assert time.monotonic() < deadline, f"timed out; logs: {logs}"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(30)
     assert not t.is_alive()
     return logs
+
+
+def checked_at_start(logs: list[str]) -> bool:
+    """The start-up resume job has run: whatever this start would send, it has sent."""
+    return any("start-up check done" in line for line in logs)
+
+
+def issue_sent(config_path: Path) -> bool:
+    app = pipeline.open_app(load_config(config_path))
+    try:
+        with app.sessions() as session:
+            issues = store.recent_issues(session, 1)
+            return bool(issues) and issues[0].status == IssueStatus.SENT
+    finally:
+        app.engine.dispose()
 
 
 def test_late_start_within_grace_sends_once(
@@ -107,22 +130,17 @@ def test_late_start_within_grace_sends_once(
     _, server = smtp_server
     _prepare(config_path, feed_file)
     _stored_send_due_at(config_path, datetime.now(UTC) - timedelta(hours=2))  # grace is 12 h
-    deadline = time.monotonic() + 20
-    logs: list[str] = []
-    stop = threading.Event()
-    t = threading.Thread(target=run_scheduler, args=(load_config(config_path), logs.append, stop))
-    t.start()
-    while len(server.messages) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    stop.set()
-    t.join(30)
+    # Until the ledger says the issue is sent (no send of it is left to run) and the
+    # start-up check is done.
+    _run_until(config_path, lambda logs: checked_at_start(logs) and issue_sent(config_path))
     assert sorted(r for m in server.messages for r in m.rcpt_tos) == [
         f"r{i}@example.org" for i in range(3)
     ]
-    # Restarting does not fire it again: the stored job now points at next week.
-    _run_for(config_path, 2)
+    # Restarting does not fire it again: the stored job now points at next week, and the
+    # start-up check (the one job that could send now) finds nothing open.
+    logs = _run_until(config_path, checked_at_start)
     assert len(server.messages) == 3
+    assert not any("missed" in line or "failed" in line for line in logs), logs
 
 
 def test_late_start_after_grace_does_not_send(
@@ -131,7 +149,10 @@ def test_late_start_after_grace_does_not_send(
     _, server = smtp_server
     _prepare(config_path, feed_file)
     _stored_send_due_at(config_path, datetime.now(UTC) - timedelta(hours=13))
-    logs = _run_for(config_path, 3)
+    logs = _run_until(
+        config_path,
+        lambda logs: checked_at_start(logs) and any("missed its run time" in x for x in logs),
+    )
     assert server.messages == []
     assert any("missed its run time" in line for line in logs)
     result = CliRunner().invoke(main, ["--config", str(config_path), "status"])
@@ -212,7 +233,7 @@ def test_run_killed_mid_send_resumes_on_restart(config_path: Path, feed_file: Pa
         second = _run_process(path)  # its start-up resume job finishes the edition
         try:
             wait_for(lambda: len({r for m in handler.messages for r in m.rcpt_tos}) >= 300)
-            time.sleep(0.5)
+            wait_for(lambda: issue_sent(path))  # every message recorded: none still in flight
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(30)
