@@ -147,7 +147,7 @@ def test_sync_jobs_adds_the_editorial_jobs_only_when_asked(tmp_path: Path) -> No
         draft, wait = scheduler.get_job(DRAFT_JOB), scheduler.get_job(APPROVAL_JOB)
         assert draft.func_ref == "digest.jobs:scheduled_draft"
         assert wait.func_ref == "digest.jobs:scheduled_approval_wait"
-        assert str(draft.trigger).startswith("ahead[1 day, 6:00:00 before cron[")
+        assert str(draft.trigger).startswith("ahead[1 day, 6:00:00 before crontab[0 9 * * fri,")
         send = scheduler.get_job("digest-weekly-send")
         gap = (send.next_run_time - draft.next_run_time) % timedelta(days=7)
         assert gap in (timedelta(hours=30), timedelta(hours=29), timedelta(hours=31))  # DST
