@@ -217,6 +217,10 @@ USER_ERRORS = [
     (["unsubscribe", "not an address"], 2, "is not an email address"),
     (["bounces", "import", "missing.mbox"], 2, "missing.mbox"),
     (["bounces", "import", "folder.mbox"], 2, "folder.mbox"),
+    (["draft", "--date", "2026-02-30"], 2, "use YYYY-MM-DD"),
+    (["issue", "lead", "not-a-number", "--date", "2026-11-27"], 2, "not-a-number"),
+    (["issue", "show", "--date", "2030-01-04"], 2, "2030-01-04"),
+    (["run", "--once", "--date", "someday"], 2, "use YYYY-MM-DD"),
     (["send", "--date", "2020-01-03"], 1, "no new articles published"),
     (["send", "--date", "2026-11-27"], 1, "cannot connect to SMTP server"),
 ]
