@@ -154,7 +154,7 @@ def create_app(
         Route("/assets/digest.css", css, methods=["GET"]),
         Route("/robots.txt", robots, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=route_list,
         middleware=[
             Middleware(
@@ -169,3 +169,9 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    # Starlette answers "/archive/" with a redirect to an absolute URL made from the Host
+    # header and the scheme it saw: behind a TLS proxy that is http://, a stripped path
+    # prefix is lost, and a Host the client chose sends the reader (with the token in the
+    # path) elsewhere. Every page has one address; anything else is 404.
+    app.router.redirect_slashes = False
+    return app

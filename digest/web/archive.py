@@ -38,6 +38,7 @@ ARCHIVE_CSP: Final = (
 CACHE: Final = {"Cache-Control": "public, max-age=300"}
 _CACHED_PAGES: Final = 32
 _ATOM: Final = "http://www.w3.org/2005/Atom"
+_DAY: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _NOT_XML: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
@@ -63,7 +64,9 @@ class _PageCache:
 
 
 def _day(value: str) -> date | None:
-    if len(value) != 10:
+    # Only YYYY-MM-DD: date.fromisoformat also takes week dates ("2026-W48-5"), which
+    # would give an issue a second address.
+    if not _DAY.fullmatch(value):
         return None
     try:
         return date.fromisoformat(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
@@ -29,6 +30,11 @@ class Web:
     wake_mailer: Callable[[], None]
 
     @property
+    def origin(self) -> str:
+        """The public origin of the pages (of ``[unsubscribe] base_url``)."""
+        return origin_of(self.config.unsubscribe.base_url)
+
+    @property
     def confirm_ttl(self) -> timedelta:
         """How long a confirmation link works."""
         return self.confirm.ttl
@@ -41,12 +47,33 @@ class Web:
         )
 
 
-def cross_site(request: Request) -> bool:
-    """True when a browser says this request was started by another site.
+def cross_site(request: Request, own_origin: str) -> bool:
+    """True when a browser says this request was started by a page that is not ours.
 
-    Browsers send ``Sec-Fetch-Site`` on every request; forms of the preference centre and
-    the confirm page are only ever posted from our own pages. (The signup form is meant to
-    be posted from the publication's site, and one-click unsubscribe from mail clients,
-    so neither checks this.)
+    The forms of the preference centre and the confirm page are only ever posted from our
+    own pages, so anything but ``Sec-Fetch-Site: same-origin`` (or ``none``: the reader
+    typed or bookmarked it) is refused; ``same-site`` too, since a sibling host (the
+    magazine's own site, a user-content host) is not us. Browsers without Fetch Metadata
+    are judged by ``Origin``: it must be ``own_origin`` (the public origin of
+    ``base_url``) or the host the request was sent to. ``Origin: null`` is what our own
+    pages send (``Referrer-Policy: no-referrer``), so it cannot be told apart and passes:
+    the token in the path is the authorisation, as for one-click unsubscribe. (The signup
+    form is meant to be posted from the publication's site, and one-click unsubscribe
+    from mail clients, so neither checks this.)
     """
-    return request.headers.get("sec-fetch-site", "").lower() == "cross-site"
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site.strip().lower() not in ("same-origin", "none")
+    origin = request.headers.get("origin", "").strip().lower()
+    if not origin or origin == "null":
+        return False
+    if origin.rstrip("/") == own_origin:
+        return False
+    host = request.headers.get("host", "").strip().lower()
+    return not host or urlsplit(origin).netloc != host
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, lowercased (as browsers send ``Origin``)."""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower()

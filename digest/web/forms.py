@@ -8,6 +8,7 @@ The body has already been capped and read whole by :class:`~digest.web.middlewar
 
 from __future__ import annotations
 
+import re
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -16,6 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 MAX_FIELDS: Final = 100
+_FILENAME: Final = re.compile(rb";\s*filename\*?\s*=", re.IGNORECASE)
 
 
 class BadForm(Exception):
@@ -100,7 +102,9 @@ def _multipart(body: bytes, boundary: bytes) -> Form:
         disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
         if disposition != b"form-data" or b"name" not in options:
             raise BadForm("a multipart part is not a form field")
-        if b"filename" in options:
+        # parse_options_header drops the RFC 2231 form (filename*=utf-8''…): look at
+        # the raw header too.
+        if b"filename" in options or _FILENAME.search(headers.get(b"content-disposition", b"")):
             raise BadForm("this form takes no files")
         if len(items) >= MAX_FIELDS:
             raise BadForm(f"the form has more than {MAX_FIELDS} fields")
@@ -109,18 +113,19 @@ def _multipart(body: bytes, boundary: bytes) -> Form:
         except UnicodeDecodeError:
             raise BadForm("the form is not UTF-8") from None
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
     try:
+        # Inside the try: the parser refuses some boundaries (over 256 bytes) when made.
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
         parser.write(body)
         parser.finalize()
     except FormParserError as exc:

@@ -84,7 +84,7 @@ def routes(web: Web) -> list[Route]:
             return sub
 
     async def submit(request: Request) -> Response:
-        if cross_site(request):
+        if cross_site(request, web.origin):
             return web.pages.error(request, 403, headers=NOINDEX)
         token = request.path_params["token"]
         sub_id = subscriber_id(token)

@@ -140,7 +140,7 @@ def routes(web: Web) -> list[Route]:
         )
 
     def do_confirm(request: Request) -> Response:
-        if cross_site(request):
+        if cross_site(request, web.origin):
             return web.pages.error(request, 403, headers=NOINDEX)
         claim = verified(request)
         if isinstance(claim, Response):
