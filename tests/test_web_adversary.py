@@ -4,18 +4,34 @@ would use it: each test names what it tries and what must hold."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
+import itsdangerous
 import pytest
+from aiosmtpd.controller import Controller
+from starlette.testclient import TestClient
 
+from digest import store
+from digest.config import load_config
 from digest.models import SubscriberStatus
 from digest.tokens import ConfirmSigner, TokenSigner
+from digest.web import create_app
+from tests.conftest import Recorder
 from tests.webutil import (
     EDITION_DATE,
+    PEER,
+    PortOnly,
     WebEnv,
+    make_env,
     send_issue,
     sqlite_env,  # noqa: F401
+    subscribe,
+    wait_for,
 )
 
 SECRET = "test-secret-0123456789abcdef"  # write_config's [unsubscribe] secret
@@ -161,3 +177,263 @@ def test_an_issue_has_one_address_in_the_archive(sqlite_env: WebEnv, tmp_path: P
         assert client.get(f"/archive/{EDITION_DATE}").status_code == 200
         for other in ("2026-W48-5", "2026W485", "20261127", "2026-11-2７"):
             assert client.get(f"/archive/{other}").status_code == 404, other
+
+
+# --- enumeration ----------------------------------------------------------------------------
+
+
+def _answer(r: httpx.Response, email: str) -> tuple[int, str, list[tuple[str, str]]]:
+    """What a bot sees: status, body with the echoed address blanked, headers (less the
+    ones that vary by themselves)."""
+    headers = sorted((k, v) for k, v in r.headers.items() if k not in ("date", "content-length"))
+    return r.status_code, r.text.replace(email, "ADDRESS"), headers
+
+
+def test_every_kind_of_address_gets_the_same_answer_without_waiting_for_mail(
+    tmp_path: Path, feed_file: Path
+) -> None:
+    """New, active, unsubscribed, bounced, honeypot and cooled-down signups: the same
+    status, page and headers. The relay here takes connections and never answers, so a
+    handler that sent mail before answering would hang: every answer arrives while the
+    mails are still pending."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    env = make_env(tmp_path, (PortOnly(silent.getsockname()[1]), Recorder()), None)  # type: ignore[arg-type]
+    try:
+        env.add("active@example.org", SubscriberStatus.ACTIVE, name="Active")
+        env.add("gone@example.org", SubscriberStatus.UNSUBSCRIBED)
+        env.add("dead@example.org", SubscriberStatus.BOUNCED)
+        answers = {}
+        with env.client() as client:
+            for label, email, website in [
+                ("new", "new@example.org", ""),
+                ("active", "active@example.org", ""),
+                ("unsubscribed", "gone@example.org", ""),
+                ("bounced", "dead@example.org", ""),
+                ("honeypot", "bot@example.org", "http://spam.example"),
+                ("cooldown", "new@example.org", ""),
+                ("cooldown-active", "active@example.org", ""),
+            ]:
+                r = client.post("/subscribe", data={"email": email, "website": website})
+                answers[label] = _answer(r, email)
+            mails = env.mails()
+            silent.close()  # the mailer's connection attempts now fail at once
+        assert sorted(m.email for m in mails) == [
+            "active@example.org",
+            "dead@example.org",
+            "gone@example.org",
+            "new@example.org",
+        ]
+        assert all(m.status == "pending" and m.attempts == 0 for m in mails)
+        assert env.smtp.messages == []
+    finally:
+        silent.close()
+        env.app.engine.dispose()
+    first = answers["new"]
+    assert first[0] == 200 and "Check your inbox" in first[1]
+    for label, answer in answers.items():
+        assert answer == first, label
+
+
+# --- subscription bombing -------------------------------------------------------------------
+
+
+def test_spellings_of_one_address_share_its_cooldown(sqlite_env: WebEnv) -> None:
+    env = sqlite_env
+    with env.client() as client:
+        for spelling in (
+            "victim@example.org",
+            "Victim@Example.org",
+            " VICTIM@EXAMPLE.ORG ",
+            "victim@ｅｘａｍｐｌｅ.ｏｒｇ",  # fullwidth: IDNA maps it to example.org
+            "victim@example。org",  # ideographic full stop
+            "victim@exämple.org",
+            "victim@XN--EXMPLE-CUA.ORG",  # the same IDN domain, spelled in ASCII
+            "victim+news@example.org",  # plus-addressing: another address
+        ):
+            assert subscribe(client, spelling).status_code == 200, spelling
+        for refused in (
+            "victim@example.org.",
+            "victim@exam\u00adple.org",
+            "victim@example.org\u200b",
+        ):
+            assert subscribe(client, refused).status_code == 400, refused
+        wait_for(lambda: len(env.smtp.messages) == 3, "three mails")
+        wait_for(lambda: all(m.status != "pending" for m in env.mails()), "the queue to drain")
+    assert sorted(m.rcpt_tos[0] for m in env.smtp.messages) == [
+        "victim+news@example.org",
+        "victim@example.org",
+        "victim@xn--exmple-cua.org",
+    ]
+
+
+def test_forwarding_headers_from_an_untrusted_peer_do_not_lift_the_limit(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    env = make_env(tmp_path, smtp_server, None, "\n[signup]\nmax_per_ip_per_hour = 3\n")
+    try:
+        with env.client(peer=("127.0.0.1", 5000)) as client:
+            codes = []
+            for i in range(3):
+                headers = [
+                    ("X-Forwarded-For", f"198.51.100.{i}"),
+                    ("X-Forwarded-For", f"2001:db8::{i}"),
+                    ("Forwarded", f"for=198.51.100.{i};proto=https"),
+                    ("X-Real-IP", f"198.51.100.{i}"),
+                ]
+                r = client.post("/subscribe", data={"email": f"f{i}@example.org"}, headers=headers)
+                codes.append(r.status_code)
+            assert codes == [200] * 3
+            blocked = client.post(
+                "/subscribe",
+                data={"email": "f9@example.org"},
+                headers={"Forwarded": "for=203.0.113.1", "X-Forwarded-For": "203.0.113.1"},
+            )
+            assert blocked.status_code == 429
+        # IPv6: every address of one /64 is one client; written as IPv4-mapped, an IPv4
+        # client is that IPv4 client.
+        codes = []
+        for peer in (
+            "2001:db8:7:7::1",
+            "2001:DB8:7:7:ffff::2",
+            "2001:db8:7:7:0:0:0:3",
+            "2001:db8:7:7::4",
+        ):
+            with env.client(peer=(peer, 1)) as client:
+                codes.append(subscribe(client, f"v6-{len(codes)}@example.org").status_code)
+        assert codes == [200, 200, 200, 429]
+        with env.client(peer=("::ffff:127.0.0.1", 1)) as client:
+            assert subscribe(client, "mapped@example.org").status_code == 429
+    finally:
+        env.app.engine.dispose()
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def test_links_made_with_an_old_secret_keep_working_after_a_rotation(
+    sqlite_env: WebEnv,
+) -> None:
+    """Unsubscribe and preference links never expire; a confirmation link made with the
+    old secret works within its TTL, and is "expired" (not "damaged") after it."""
+    env = sqlite_env
+    text = env.config_path.read_text(encoding="utf-8").replace(
+        f'secret = "{SECRET}"',
+        f'secret = "a-brand-new-secret-0123456789"\nold_secrets = ["{SECRET}"]',
+    )
+    env.config_path.write_text(text, encoding="utf-8")
+    rotated = load_config(env.config_path)
+    sub_id = env.add("old@example.org", SubscriberStatus.ACTIVE, name="Old Link")
+    prefs = PREFS.token(sub_id, "old@example.org")
+    unsub = TokenSigner(SECRET).token(sub_id, "old@example.org")
+    now = datetime.now(UTC)
+    confirm = ConfirmSigner(SECRET, timedelta(hours=72)).token("c@example.org", "", None, now)
+    with TestClient(create_app(rotated, env.app.sessions), client=PEER) as client:
+        assert "Old Link" in client.get(f"/preferences/{prefs}").text
+        saved = client.post(
+            f"/preferences/{prefs}", data={"name": "Old Link", "regions": ["Europe"]}
+        )
+        assert saved.status_code == 200
+        assert client.post(f"/confirm/{confirm}").status_code == 200
+        assert client.post(f"/unsubscribe/{unsub}").status_code == 200
+        assert client.get(f"/confirm/{_expired(SECRET, 'late@example.org')}").status_code == 410
+    old, new = env.subscriber("old@example.org"), env.subscriber("c@example.org")
+    assert old is not None and old.status == SubscriberStatus.UNSUBSCRIBED
+    assert old.regions == ["Europe"]
+    assert new is not None and new.status == SubscriberStatus.ACTIVE
+
+
+def _expired(secret: str, email: str) -> str:
+    class FourDaysAgo(itsdangerous.TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - 4 * 86400
+
+    s = itsdangerous.URLSafeTimedSerializer(
+        secret,
+        salt="digest.confirm.v1",
+        signer=FourDaysAgo,
+        signer_kwargs={"digest_method": hashlib.sha256},
+    )
+    return str(s.dumps({"e": email, "n": "", "r": None, "t": int(time.time()) - 4 * 86400}))
+
+
+# --- what every response carries -------------------------------------------------------------
+
+
+def _assert_hardened(r: httpx.Response, what: str) -> None:
+    csp = r.headers.get("content-security-policy", "")
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, what
+    assert "script-src" not in csp and "unsafe-eval" not in csp, what
+    assert r.headers.get("referrer-policy") == "no-referrer", what
+    assert r.headers.get("x-content-type-options") == "nosniff", what
+    assert "server" not in r.headers, what
+    if r.request.method != "HEAD" and r.headers.get("content-type", "").startswith("text/html"):
+        assert "<script" not in r.text.lower() and "Traceback" not in r.text, what
+
+
+def test_token_pages_are_never_cached_or_indexed_and_nothing_answers_without_headers(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    env = make_env(tmp_path, smtp_server, None, "\n[signup]\nmax_per_ip_per_hour = 1\n")
+    try:
+        sub_id = env.add("own@example.org", SubscriberStatus.ACTIVE, name="Own")
+        prefs = PREFS.token(sub_id, "own@example.org")
+        unsub = TokenSigner(SECRET).token(sub_id, "own@example.org")
+        confirm = ConfirmSigner(SECRET, timedelta(hours=72)).token(
+            "c@example.org", "", None, datetime.now(UTC)
+        )
+        before = env.snapshot()
+        with env.client() as client:
+            token_pages = {
+                "prefs": client.get(f"/preferences/{prefs}"),
+                "prefs-head": client.head(f"/preferences/{prefs}"),
+                "prefs-400": client.post(f"/preferences/{prefs}", data={"regions": ["Mars"]}),
+                "prefs-bad-form": client.post(f"/preferences/{prefs}", json={"x": 1}),
+                "prefs-latin1": client.post(
+                    f"/preferences/{prefs}", content=b"name=Zo\xeb", headers=FORM
+                ),
+                "prefs-403": client.post(
+                    f"/preferences/{prefs}", headers={"Sec-Fetch-Site": "cross-site"}
+                ),
+                "prefs-forged": client.get("/preferences/forged"),
+                "unsubscribe": client.get(f"/unsubscribe/{unsub}"),
+                "confirm": client.get(f"/confirm/{confirm}"),
+                "confirm-expired": client.get(f"/confirm/{_expired(SECRET, 'x@example.org')}"),
+                "confirm-forged": client.post("/confirm/forged"),
+            }
+            for what, r in token_pages.items():
+                _assert_hardened(r, what)
+                assert r.headers["cache-control"] == "no-store", what
+                assert r.headers.get("x-robots-tag") == "noindex", what
+            # Nothing a scanner or a preflight sends changes anything.
+            for path in (f"/preferences/{prefs}", f"/unsubscribe/{unsub}", f"/confirm/{confirm}"):
+                for method in ("OPTIONS", "HEAD", "GET"):
+                    r = client.request(method, path)
+                    assert r.status_code in (200, 405), (method, path)
+                    _assert_hardened(r, f"{method} {path}")
+            assert env.snapshot() == before
+            others = {
+                "options": client.options("/subscribe"),
+                "head": client.head("/subscribe"),
+                "405": client.delete("/archive"),
+                "404": client.get("/archive/2026-02-30"),
+                "404-long": client.get("/archive/" + "9" * 4000),
+                "404-dots": client.get("/archive/..%2F..%2Fetc%2Fpasswd"),
+                "ok": subscribe(client, "one@example.org"),
+                "429": subscribe(client, "two@example.org"),
+            }
+            assert others["429"].status_code == 429 and others["404-dots"].status_code == 404
+            for what, r in others.items():
+                _assert_hardened(r, what)
+        # The database gone: 503, with the same headers and nothing about the database.
+        empty = store.open_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+        broken = create_app(env.config, store.session_factory(empty))
+        with TestClient(broken, raise_server_exceptions=False, client=PEER) as client:
+            for r in (client.get(f"/preferences/{prefs}"), client.get("/archive/feed.xml")):
+                assert r.status_code == 503
+                _assert_hardened(r, "503")
+                assert "sqlite" not in r.text.lower() and "table" not in r.text.lower()
+        empty.dispose()
+    finally:
+        env.app.engine.dispose()

@@ -110,6 +110,7 @@ class Guard:
                     (b"content-type", b"text/html; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
                     (b"cache-control", b"no-store"),
+                    (b"x-robots-tag", b"noindex"),
                     # The rest of an oversized body is never read: the connection cannot
                     # carry another request.
                     (b"connection", b"close"),

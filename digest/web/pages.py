@@ -137,9 +137,9 @@ class Pages:
         headers: Mapping[str, str] | None = None,
         title: str | None = None,
     ) -> HTMLResponse:
-        """An error page response."""
+        """An error page response; never cached or indexed (it may answer a token's URL)."""
         return HTMLResponse(
             self.error_html(status, request.url.path, message, title),
             status,
-            headers={"Cache-Control": "no-store", **(headers or {})},
+            headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex", **(headers or {})},
         )
