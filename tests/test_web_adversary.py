@@ -5,9 +5,14 @@ would use it: each test names what it tries and what must hold."""
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
+import threading
 import time
-from datetime import UTC, datetime, timedelta
+import xml.etree.ElementTree as ET
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,18 +23,22 @@ from starlette.testclient import TestClient
 
 from digest import store
 from digest.config import load_config
-from digest.models import SubscriberStatus
+from digest.models import IssueStatus, SubscriberStatus
 from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web import create_app
-from tests.conftest import Recorder
+from tests.conftest import Recorder, free_port
+from tests.test_web_browser import ARGS, CHROMIUM
 from tests.webutil import (
     EDITION_DATE,
     PEER,
+    ROOT,
     PortOnly,
     WebEnv,
+    body_text,
     make_env,
     send_issue,
     sqlite_env,  # noqa: F401
+    start_server,
     subscribe,
     wait_for,
 )
@@ -37,6 +46,7 @@ from tests.webutil import (
 SECRET = "test-secret-0123456789abcdef"  # write_config's [unsubscribe] secret
 PREFS = TokenSigner(SECRET, purpose="preferences")
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+ATOM = "{http://www.w3.org/2005/Atom}"
 
 
 # --- a careless reverse proxy ---------------------------------------------------------------
@@ -437,3 +447,142 @@ def test_token_pages_are_never_cached_or_indexed_and_nothing_answers_without_hea
         empty.dispose()
     finally:
         env.app.engine.dispose()
+
+
+def test_the_feed_is_valid_xml_whatever_the_titles_hold(sqlite_env: WebEnv) -> None:
+    env = sqlite_env
+    subject = "Tom & Jerry <b>x</b> 🦊𝔘 ]]> \x0c"
+    title = "Ünïcode & <script>alert(1)</script> 𝔘\x01"
+    with env.app.sessions.begin() as session:
+        article = store.find_article(session, "https://news.example.org/europe/1", None)
+        assert article is not None
+        article.title = title
+        issue = store.create_issue(
+            session, date(2026, 11, 20), subject, [("Europe", [article.id])], datetime.now(UTC)
+        )
+        store.set_issue_status(session, issue, IssueStatus.SENT, datetime.now(UTC))
+    with env.client() as client:
+        feed = client.get("/archive/feed.xml")
+        page = client.get("/archive/2026-11-20")
+        index = client.get("/archive")
+    root = ET.fromstring(feed.content)  # raises on anything that is not well-formed
+    entry = root.find(f"{ATOM}entry")
+    assert entry is not None
+    assert entry.findtext(f"{ATOM}title") == subject.replace("\x0c", "")
+    assert "alert(1)</script> 𝔘" in (entry.findtext(f"{ATOM}summary") or "")
+    for r in (page, index):
+        assert r.status_code == 200 and "<script>alert" not in r.text and "<b>x</b>" not in r.text
+    assert "Tom &amp; Jerry &lt;b&gt;x&lt;/b&gt; 🦊𝔘" in index.text
+
+
+def test_behind_a_trusted_proxy_a_real_server_counts_the_address_the_proxy_saw(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    """uvicorn itself: what the client wrote (left of the proxy's entry, in an earlier
+    X-Forwarded-For line, in Forwarded or X-Real-IP) never makes it another client; the
+    address the proxy appended does, and IPv6 counts per /64."""
+    extra = '\n[signup]\ntrusted_proxies = ["127.0.0.1"]\nmax_per_ip_per_hour = 2\n'
+    env = make_env(tmp_path, smtp_server, None, extra)
+    server = start_server(env.config_path, free_port(), tmp_path / "serve.log")
+    try:
+
+        def post(proxied: str, spoof: str) -> int:
+            headers = [
+                ("X-Forwarded-For", f"{spoof}, 10.9.9.9"),
+                ("Forwarded", f"for={spoof}"),
+                ("X-Real-IP", spoof),
+                ("X-Forwarded-For", proxied),  # the line our proxy added
+            ]
+            r = httpx.post(
+                f"{server.url}/subscribe",
+                data={"email": "p@example.org"},
+                headers=headers,
+                timeout=30,
+            )
+            return r.status_code
+
+        assert [post("198.51.100.7", f"6.6.6.{i}") for i in range(3)] == [200, 200, 429]
+        assert post("198.51.100.8", "198.51.100.7") == 200
+        assert [post(f"[2001:db8:1:2::{i}]:443", "6.6.6.6") for i in range(1, 4)] == [
+            200,
+            200,
+            429,
+        ]
+        assert post("2001:db8:1:3::1", "6.6.6.6") == 200
+    finally:
+        server.stop()
+        env.app.engine.dispose()
+    assert "Traceback" not in server.log_text()
+
+
+# --- the README's form snippet, pasted into another site ------------------------------------
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
+def test_the_readme_snippet_on_another_origin_signs_up_in_chromium(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    """The snippet exactly as the README shows it, on a static page served from another
+    loopback origin (localhost vs 127.0.0.1: another site), submitted in Chromium."""
+    from playwright.sync_api import expect, sync_playwright
+
+    port = free_port()
+    env = make_env(tmp_path, smtp_server, None, serve_port=port)
+    server = start_server(env.config_path, port, tmp_path / "serve.log")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"```html\n(<form .*?</form>)\n```", readme, re.S)
+    assert found, "the README has no form snippet"
+    snippet = found.group(1).replace("https://news.example.org", server.url)
+    site = tmp_path / "magazine"
+    site.mkdir()
+    (site / "index.html").write_text(
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Magazine</title>"
+        f"</head><body><h1>The Magazine</h1><p>Subscribe now</p>{snippet}</body></html>",
+        encoding="utf-8",
+    )
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    magazine = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(site)))
+    threading.Thread(target=magazine.serve_forever, daemon=True).start()
+    posted: list[dict[str, str]] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            try:
+                page = browser.new_page()
+                page.on(
+                    "requestfinished",
+                    lambda r: posted.append(r.all_headers()) if r.method == "POST" else None,
+                )
+                page.goto(f"http://localhost:{magazine.server_address[1]}/index.html")
+                box = page.locator("input[name=website]").bounding_box()
+                assert box is not None and box["x"] + box["width"] <= 0, box  # off screen
+                page.get_by_label("Email").fill("Reader.From.Magazine@Example.org")
+                page.get_by_label("Name (optional)").fill("Zoë & 𝔘")
+                page.get_by_label("Middle East").check()
+                page.get_by_role("button", name="Subscribe now").click()
+                expect(page.locator("h1")).to_have_text("Check your inbox")
+                assert page.url == f"{server.url}/subscribe"
+                wait_for(lambda: env.smtp.to("reader.from.magazine@example.org"), "the mail")
+                text = body_text(env.smtp.to("reader.from.magazine@example.org")[0])
+                confirm = re.search(rf"{re.escape(server.url)}/confirm/\S+", text)
+                assert confirm, text
+                page.goto(confirm.group(0))
+                page.get_by_role("button", name="Confirm my subscription").click()
+                expect(page.locator("h1")).to_have_text("You are subscribed")
+            finally:
+                browser.close()
+    finally:
+        magazine.shutdown()
+        magazine.server_close()
+        server.stop()
+        env.app.engine.dispose()
+    assert posted[0]["sec-fetch-site"] == "cross-site"
+    assert posted[0]["origin"] == f"http://localhost:{magazine.server_address[1]}"
+    assert posted[1]["sec-fetch-site"] == "same-origin"  # our confirm button
+    sub = env.subscriber("reader.from.magazine@example.org")
+    assert sub is not None and sub.status == SubscriberStatus.ACTIVE
+    assert sub.name == "Zoë & 𝔘" and sub.regions == ["Middle East"]
