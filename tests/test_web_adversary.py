@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import itsdangerous
@@ -29,6 +30,7 @@ from digest.web import create_app
 from tests.conftest import Recorder, free_port
 from tests.test_web_browser import ARGS, CHROMIUM
 from tests.webutil import (
+    BASE,
     EDITION_DATE,
     PEER,
     ROOT,
@@ -586,3 +588,63 @@ def test_the_readme_snippet_on_another_origin_signs_up_in_chromium(
     sub = env.subscriber("reader.from.magazine@example.org")
     assert sub is not None and sub.status == SubscriberStatus.ACTIVE
     assert sub.name == "Zoë & 𝔘" and sub.regions == ["Middle East"]
+
+
+# --- a proxy that serves the app under a path prefix ------------------------------------------
+
+
+def _links_outside(html: str, public_url: str, publication: str) -> list[str]:
+    """Links and form targets of a page (fetched at ``public_url``, below base_url) that
+    resolve to our host but outside base_url: behind a proxy that strips the prefix they
+    reach another application (with any token in them), not digest."""
+    host = urlsplit(BASE).netloc
+    out = []
+    for target in re.findall(r'(?:href|action|src|formaction)="([^"]*)"', html):
+        resolved = urljoin(public_url, target.replace("&amp;", "&"))
+        parts = urlsplit(resolved)
+        if parts.netloc == host and resolved != publication and not resolved.startswith(BASE + "/"):
+            out.append(f"{target} -> {resolved}")
+    return out
+
+
+def test_every_page_links_within_base_url(sqlite_env: WebEnv) -> None:
+    """base_url here is https://news.example.org/u: the proxy strips "/u" (the app sees
+    "/subscribe"). Every link between pages must stay below /u."""
+    env = sqlite_env
+    send_issue(env, ["reader@example.org"])
+    prefs = PREFS.token(1, "reader@example.org")
+    confirm = ConfirmSigner(SECRET, timedelta(hours=72)).token(
+        "c@example.org", "", None, datetime.now(UTC)
+    )
+    publication = env.config.publication.url
+    with env.client() as client:
+        pages = {
+            "/subscribe": client.get("/subscribe"),
+            "/subscribe (posted)": subscribe(client, "n@example.org"),
+            f"/confirm/{confirm}": client.get(f"/confirm/{confirm}"),
+            f"/confirm/{confirm} (posted)": client.post(f"/confirm/{confirm}"),
+            f"/preferences/{prefs}": client.get(f"/preferences/{prefs}"),
+            "/archive": client.get("/archive"),
+            "/archive/1999-01-01": client.get("/archive/1999-01-01"),
+            "/no/such/page/at/all": client.get("/no/such/page/at/all"),
+        }
+    for path, r in pages.items():
+        url = BASE + path.split(" ")[0]
+        assert _links_outside(r.text, url, publication) == [], path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the unsubscribe page's form posts to the absolute path /unsubscribe/TOKEN "
+    "(tests/test_serve.py::test_get_only_asks pins it), which a proxy serving digest "
+    "under a prefix sends elsewhere; left for the lead (see the review report)",
+)
+def test_the_unsubscribe_page_posts_within_base_url(sqlite_env: WebEnv) -> None:
+    env = sqlite_env
+    sub_id = env.add("own@example.org", SubscriberStatus.ACTIVE)
+    token = TokenSigner(SECRET).token(sub_id, "own@example.org")
+    with env.client() as client:
+        r = client.get(f"/unsubscribe/{token}")
+    assert r.status_code == 200
+    url = f"{BASE}/unsubscribe/{token}"
+    assert _links_outside(r.text, url, env.config.publication.url) == []
