@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+import httpx2
 import itsdangerous
 import pytest
 from aiosmtpd.controller import Controller
@@ -194,7 +195,7 @@ def test_an_issue_has_one_address_in_the_archive(sqlite_env: WebEnv, tmp_path: P
 # --- enumeration ----------------------------------------------------------------------------
 
 
-def _answer(r: httpx.Response, email: str) -> tuple[int, str, list[tuple[str, str]]]:
+def _answer(r: httpx2.Response, email: str) -> tuple[int, str, list[tuple[str, str]]]:
     """What a bot sees: status, body with the echoed address blanked, headers (less the
     ones that vary by themselves)."""
     headers = sorted((k, v) for k, v in r.headers.items() if k not in ("date", "content-length"))
@@ -373,7 +374,7 @@ def _expired(secret: str, email: str) -> str:
 # --- what every response carries -------------------------------------------------------------
 
 
-def _assert_hardened(r: httpx.Response, what: str) -> None:
+def _assert_hardened(r: httpx2.Response, what: str) -> None:
     csp = r.headers.get("content-security-policy", "")
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, what
     assert "script-src" not in csp and "unsafe-eval" not in csp, what
