@@ -512,10 +512,37 @@ def test_behind_a_trusted_proxy_a_real_server_counts_the_address_the_proxy_saw(
             429,
         ]
         assert post("2001:db8:1:3::1", "6.6.6.6") == 200
+        # Bodies on the wire: a declared 100 MB is refused before a byte of it is sent
+        # (the client waits for "100 Continue" that never comes), and a chunked body is
+        # cut off past 64 KB; both with our page and headers, and the connection closed.
+        port = int(server.url.rsplit(":", 1)[1])
+        head = (
+            b"POST /subscribe HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+        )
+        chunk = b"1000\r\n" + b"a" * 4096 + b"\r\n"
+        for what, request in {
+            "declared": head + b"Expect: 100-continue\r\nContent-Length: 100000000\r\n\r\n",
+            "chunked": head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 17,
+        }.items():
+            answer = _exchange(port, request)
+            assert answer.startswith(b"HTTP/1.1 413 "), what
+            assert b"frame-ancestors 'none'" in answer and b"64 KB" in answer, what
+            assert answer.endswith(b"</html>"), what  # then the server closed it
     finally:
         server.stop()
         env.app.engine.dispose()
     assert "Traceback" not in server.log_text()
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection (or 30 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
 
 
 # --- the README's form snippet, pasted into another site ------------------------------------
