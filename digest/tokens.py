@@ -22,9 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import itsdangerous
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -138,12 +141,32 @@ class TokenSigner:
 
 # --- double opt-in links ----------------------------------------------------------------
 
-_MAX_CONFIRM_TOKEN = 4096  # longer than any token we make; refused before any decoding
+_MAX_CONFIRM_TOKEN = 8192  # longer than any token we make; refused before any decoding
+_CONFIRM_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")  # unpadded base64url, one path segment
+_LEGACY_CONFIRM_SALT = "digest.confirm.v1"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(value: object) -> datetime:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("not a time")
+    return _EPOCH + timedelta(microseconds=value)
 
 
 @dataclass(frozen=True)
 class SignupClaim:
-    """What a verified confirmation link asks for."""
+    """What a verified confirmation link asks for.
+
+    ``requested_at`` is when the form was posted, ``issued_at`` when the link was made
+    (the mail was composed); both to the microsecond (links from before encryption: to
+    the second, rounded down), so they can be ordered against an unsubscribe.
+    """
 
     email: str
     name: str
@@ -153,45 +176,77 @@ class SignupClaim:
 
 
 class ConfirmSigner:
-    """Double opt-in links: a signed payload (address, name, regions, request time) that
-    expires ``ttl`` after the mail was made.
+    """Double opt-in links: the address, name, regions and times of a signup, encrypted
+    and authenticated (Fernet, a key of its own derived from each secret), expiring
+    ``ttl`` after the link was made.
 
     Nothing about a pending signup is stored: the link carries it, and only a person
-    who received the mail can present it. Signed (itsdangerous, HMAC-SHA256) with the
-    unsubscribe secrets under a salt of its own, so no other token of digest verifies
-    here; ``old_secrets`` still verify after a rotation.
+    who received the mail can present it. Encrypted, because a link is logged by
+    whatever it passes (proxies, mail scanners, browser history) and must not show
+    who signed up. ``old_secrets`` still verify after a rotation.
+
+    Links mailed before encryption (itsdangerous, readable, ``payload.time.signature``)
+    still verify until they expire; only the new kind is made.
     """
 
     def __init__(self, secret: str | None, ttl: timedelta, old_secrets: Sequence[str] = ()) -> None:
         secrets = [_check(secret, "unsubscribe secret")]
         secrets += [_check(s, "unsubscribe.old_secrets entry") for s in old_secrets]
         self.ttl = ttl
+        self._fernet = MultiFernet([Fernet(TokenSigner._derive(s, "confirm")) for s in secrets])
         # itsdangerous signs with the last key and verifies with any.
-        self._s = itsdangerous.URLSafeTimedSerializer(
+        self._legacy = itsdangerous.URLSafeTimedSerializer(
             list(reversed(secrets)),
-            salt="digest.confirm.v1",
+            salt=_LEGACY_CONFIRM_SALT,
             signer_kwargs={"digest_method": hashlib.sha256},
         )
 
     def token(
-        self, email: str, name: str, regions: Sequence[str] | None, requested_at: datetime
+        self,
+        email: str,
+        name: str,
+        regions: Sequence[str] | None,
+        requested_at: datetime,
+        issued_at: datetime | None = None,
     ) -> str:
-        """A confirmation token; its clock starts now."""
+        """A confirmation token; its clock starts at ``issued_at`` (default: now)."""
+        issued = issued_at or datetime.now(UTC)
         payload = {
             "e": email,
             "n": name,
             "r": None if regions is None else list(regions),
-            "t": int(requested_at.timestamp()),
+            "t": _micros(requested_at),
+            "i": _micros(issued),
         }
-        return str(self._s.dumps(payload))
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        token = self._fernet.encrypt_at_time(data, int(issued.timestamp()))
+        return token.decode("ascii").rstrip("=")
 
-    def verify(self, token: str) -> SignupClaim:
+    def verify(self, token: str, now: datetime | None = None) -> SignupClaim:
         """The claim; :class:`ExpiredToken` when it is genuine but too old,
         :class:`TokenError` when it is not genuine."""
         if len(token) > _MAX_CONFIRM_TOKEN:
             raise TokenError("invalid confirmation token")
+        if "." in token:
+            return self._verify_legacy(token)
+        # Fernet's base64 decoding skips characters outside its alphabet; a link has one
+        # spelling only.
+        if not _CONFIRM_ALPHABET.fullmatch(token):
+            raise TokenError("invalid confirmation token")
         try:
-            value, issued = self._s.loads(
+            raw = token.encode("ascii")
+            data = self._fernet.decrypt(raw + b"=" * (-len(raw) % 4))
+            value = json.loads(data)
+            claim = self._claim(value, _from_micros(value["t"]), _from_micros(value["i"]))
+        except (InvalidToken, KeyError, TypeError, ValueError, OverflowError):
+            raise TokenError("invalid confirmation token") from None
+        if (now or datetime.now(UTC)) - claim.issued_at > self.ttl:
+            raise ExpiredToken("the confirmation link has expired")
+        return claim
+
+    def _verify_legacy(self, token: str) -> SignupClaim:
+        try:
+            value, issued = self._legacy.loads(
                 token, max_age=int(self.ttl.total_seconds()), return_timestamp=True
             )
         except itsdangerous.SignatureExpired:
@@ -199,19 +254,25 @@ class ConfirmSigner:
         except itsdangerous.BadData:
             raise TokenError("invalid confirmation token") from None
         try:
-            regions = value["r"]
-            claim = SignupClaim(
-                email=value["e"],
-                name=value["n"],
-                regions=None if regions is None else [str(r) for r in regions],
-                requested_at=datetime.fromtimestamp(int(value["t"]), UTC),
-                issued_at=issued.astimezone(UTC),
-            )
+            requested = datetime.fromtimestamp(int(value["t"]), UTC)
+            return self._claim(value, requested, issued.astimezone(UTC))
         except (KeyError, TypeError, ValueError, OverflowError):
             raise TokenError("invalid confirmation token") from None
-        if not isinstance(claim.email, str) or not isinstance(claim.name, str):
-            raise TokenError("invalid confirmation token")
-        return claim
+
+    @staticmethod
+    def _claim(value: Any, requested_at: datetime, issued_at: datetime) -> SignupClaim:
+        email, name, regions = value["e"], value["n"], value["r"]
+        if not isinstance(email, str) or not isinstance(name, str):
+            raise TypeError("not a signup")
+        if regions is not None and not isinstance(regions, list):
+            raise TypeError("not a signup")
+        return SignupClaim(
+            email=email,
+            name=name,
+            regions=None if regions is None else [str(r) for r in regions],
+            requested_at=requested_at,
+            issued_at=issued_at,
+        )
 
     def url(
         self,

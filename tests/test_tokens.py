@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
+from datetime import UTC, datetime, timedelta
 
 import itsdangerous
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from digest.errors import ConfigError, TokenError
-from digest.tokens import TokenClaim, TokenSigner
+from digest.errors import ConfigError, ExpiredToken, TokenError
+from digest.tokens import ConfirmSigner, TokenClaim, TokenSigner
 
 SECRET = "test-secret-0123456789abcdef"
 OLD = "old-secret-0123456789abcdef"
@@ -114,3 +116,87 @@ def test_short_secrets_are_config_errors() -> None:
         TokenSigner("short")
     with pytest.raises(ConfigError, match="old_secrets"):
         TokenSigner(SECRET, old_secrets=["short"])
+
+
+# --- confirmation links -----------------------------------------------------------------
+
+TTL = timedelta(hours=72)
+SIGNUP = ("zoë.reader@example.org", "Zoë <b>&</b> 𝔘🦊 Lee", ["Europe", "Middle East"])
+
+
+def legacy_confirm_token(secret: str, issued: datetime, requested: datetime) -> str:
+    """A confirmation token exactly as ConfirmSigner made them before they were encrypted
+    (itsdangerous, readable), issued at ``issued``."""
+
+    class At(itsdangerous.TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(issued.timestamp())
+
+    serializer = itsdangerous.URLSafeTimedSerializer(
+        secret, salt="digest.confirm.v1", signer=At, signer_kwargs={"digest_method": hashlib.sha256}
+    )
+    email, name, regions = SIGNUP
+    return str(
+        serializer.dumps({"e": email, "n": name, "r": regions, "t": int(requested.timestamp())})
+    )
+
+
+def test_a_confirmation_link_shows_nothing_of_the_signup() -> None:
+    email, name, regions = SIGNUP
+    now = datetime.now(UTC)
+    signer = ConfirmSigner(SECRET, TTL)
+    token = signer.token(email, name, regions, now)
+    raw = decoded(token)
+    for part in ("reader", "example", "europe", "middle"):  # (long enough not to occur by chance)
+        assert part not in token.lower() and part.encode() not in raw.lower()
+    for text in (email, name):
+        assert text.encode("utf-8") not in raw and text.encode("unicode_escape") not in raw
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", token)  # one URL path segment, no padding
+    claim = signer.verify(token)
+    assert (claim.email, claim.name, claim.regions) == (email, name, regions)
+    assert claim.requested_at == now  # to the microsecond: ordered against unsubscribes
+    assert now <= claim.issued_at <= datetime.now(UTC)
+
+
+def test_confirmation_links_expire_after_the_ttl_and_rotate() -> None:
+    email, name, regions = SIGNUP
+    now = datetime.now(UTC)
+    old = ConfirmSigner(OLD, TTL)
+    rotated = ConfirmSigner(SECRET, TTL, old_secrets=[OLD])
+    fresh = old.token(email, name, None, now, issued_at=now - TTL + timedelta(minutes=5))
+    assert rotated.verify(fresh).regions is None  # made with the old secret: still good
+    stale = old.token(email, name, regions, now, issued_at=now - TTL - timedelta(minutes=5))
+    with pytest.raises(ExpiredToken):
+        rotated.verify(stale)
+    with pytest.raises(TokenError):
+        ConfirmSigner(SECRET, TTL).verify(fresh)  # the old secret retired
+    for other in (
+        TokenSigner(SECRET, purpose="preferences").token(7, email),
+        TokenSigner(SECRET).token(7, email),
+        ConfirmSigner("another-secret-0123456789", TTL).token(email, name, regions, now),
+        rotated.token(email, name, regions, now)[:-3] + "AAA",
+        rotated.token(email, name, regions, now) + "%0d%0a",
+        rotated.token(email, name, regions, now) + "=",
+        "x" * 9000,
+    ):
+        with pytest.raises(TokenError) as caught:
+            rotated.verify(other)
+        assert caught.type is TokenError  # not genuine; never "expired"
+
+
+def test_confirmation_links_mailed_before_encryption_still_work_until_they_expire() -> None:
+    email, name, regions = SIGNUP
+    now = datetime.now(UTC)
+    requested = now - timedelta(hours=2)
+    rotated = ConfirmSigner(SECRET, TTL, old_secrets=[OLD])
+    for secret in (SECRET, OLD):
+        claim = rotated.verify(legacy_confirm_token(secret, now - timedelta(hours=1), requested))
+        assert (claim.email, claim.name, claim.regions) == (email, name, regions)
+        assert claim.requested_at == requested.replace(microsecond=0)
+        assert claim.issued_at == (now - timedelta(hours=1)).replace(microsecond=0)
+    with pytest.raises(ExpiredToken):
+        rotated.verify(legacy_confirm_token(SECRET, now - TTL - timedelta(minutes=1), requested))
+    with pytest.raises(TokenError):
+        rotated.verify(legacy_confirm_token("another-secret-0123456789", now, requested))
+    # Only the new kind is made.
+    assert "." not in rotated.token(email, name, regions, now)
