@@ -151,6 +151,8 @@ class Subscriber(Base):
     hard_bounces: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the subscription last ended: an unsubscribe, or the bounce that stopped it.
+    # Confirmation links asked for before it revive nothing (signup.link_standing).
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The consent record: when the current subscription was asked for (import time or
     # signup request) and when the address owner confirmed it (signups only).

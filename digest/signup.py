@@ -10,7 +10,8 @@ decided here, against the store:
   form to flood someone's inbox. The caller shows the same page whatever happened.
 * :func:`confirm_signup` turns a confirmed link into an active subscriber: explicit
   consent, so it re-activates an address that unsubscribed or bounced (an import never
-  does).
+  does) -- but only with a link asked for *after* that: a link from before the last
+  unsubscribe or bounce is superseded (see :func:`link_standing`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ class SignupOutcome(enum.StrEnum):
     CONFIRM_QUEUED = "confirm-queued"
     ALREADY_QUEUED = "already-queued"
     COOLDOWN = "cooldown"
+
+
+class ConfirmOutcome(enum.StrEnum):
+    """What posting a genuine, unexpired confirmation link does."""
+
+    CONFIRMED = "confirmed"  # the address is active with this link's choices now
+    ALREADY = "already"  # used already, and that confirmation is still in force: no change
+    SUPERSEDED = "superseded"  # asked for before the last unsubscribe or bounce: no change
 
 
 @dataclass(frozen=True)
@@ -121,10 +130,35 @@ def request_signup(session: Session, req: SignupRequest, now: datetime) -> Signu
     return SignupOutcome.CONFIRM_QUEUED
 
 
+def link_standing(sub: Subscriber | None, claim: SignupClaim) -> ConfirmOutcome:
+    """What a confirmation link may still do for ``sub`` (the subscriber of its address).
+
+    A link dates from when it was asked for (the form's request; for a mail held up by
+    a relay outage the link is made later, but the consent it carries is as old as the
+    request). Withdrawn consent is the stronger fact: a link from before the address
+    last unsubscribed or bounced (``unsubscribed_at``) revives nothing, or anyone holding
+    an old mail -- or its copy in a scanner's log -- could undo an unsubscribe. A link
+    from before the confirmation in force was used, or overtaken by a newer one.
+    """
+    if sub is None:
+        return ConfirmOutcome.CONFIRMED
+    asked = min(claim.requested_at, claim.issued_at)
+    if (
+        sub.status == SubscriberStatus.ACTIVE
+        and sub.confirmed_at is not None
+        and sub.confirmed_at >= asked
+    ):
+        return ConfirmOutcome.ALREADY
+    if sub.unsubscribed_at is not None and sub.unsubscribed_at >= asked:
+        return ConfirmOutcome.SUPERSEDED
+    return ConfirmOutcome.CONFIRMED
+
+
 def confirm_signup(
     session: Session, claim: SignupClaim, configured: Sequence[str], now: datetime
-) -> Subscriber:
-    """Make the address of a verified confirmation link an active subscriber.
+) -> tuple[Subscriber, ConfirmOutcome]:
+    """Make the address of a verified confirmation link an active subscriber, unless the
+    link is no longer good for that (:func:`link_standing`; then nothing changes).
 
     Records ``source = signup``, when it was asked for and when it was confirmed. Posting
     the same link again changes nothing (nor does it undo preferences saved since). The
@@ -149,13 +183,10 @@ def confirm_signup(
     sub = store.subscriber_by_email(session, email)
     assert sub is not None
     if created:
-        return sub
-    if (
-        sub.status == SubscriberStatus.ACTIVE
-        and sub.confirmed_at is not None
-        and sub.confirmed_at >= claim.issued_at
-    ):
-        return sub  # this link (or a newer one) was confirmed already
+        return sub, ConfirmOutcome.CONFIRMED
+    standing = link_standing(sub, claim)
+    if standing != ConfirmOutcome.CONFIRMED:
+        return sub, standing
     sub.status = SubscriberStatus.ACTIVE
     sub.name = name or sub.name
     sub.regions = regions
@@ -165,7 +196,7 @@ def confirm_signup(
     sub.unsubscribed_at = None
     sub.hard_bounces = 0
     sub.updated_at = now
-    return sub
+    return sub, ConfirmOutcome.CONFIRMED
 
 
 def save_preferences(sub: Subscriber, name: str, regions: list[str] | None, now: datetime) -> bool:

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -827,13 +827,25 @@ def count_hard_bounce(session: Session, delivery_id: int, threshold: int) -> Non
         raise_hard_bounces(session, delivery.subscriber_id, run, threshold)
 
 
-def raise_hard_bounces(session: Session, subscriber_id: int, at_least: int, threshold: int) -> None:
-    """Lift the hard-bounce count to ``at_least``; at ``threshold`` the subscriber is bounced."""
+def raise_hard_bounces(
+    session: Session,
+    subscriber_id: int,
+    at_least: int,
+    threshold: int,
+    now: datetime | None = None,
+) -> None:
+    """Lift the hard-bounce count to ``at_least``; at ``threshold`` the subscriber is bounced.
+
+    The bounce ends the subscription, so ``unsubscribed_at`` records when (``now``,
+    default the current time): a confirmation link asked for before it must not revive
+    the address (:func:`digest.signup.link_standing`).
+    """
     session.execute(
         update(Subscriber)
         .where(Subscriber.id == subscriber_id, Subscriber.hard_bounces < at_least)
         .values(hard_bounces=at_least)
     )
+    when = now or datetime.now(UTC)
     session.execute(
         update(Subscriber)
         .where(
@@ -841,7 +853,7 @@ def raise_hard_bounces(session: Session, subscriber_id: int, at_least: int, thre
             Subscriber.hard_bounces >= threshold,
             Subscriber.status == SubscriberStatus.ACTIVE,
         )
-        .values(status=SubscriberStatus.BOUNCED)
+        .values(status=SubscriberStatus.BOUNCED, unsubscribed_at=when, updated_at=when)
     )
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from sqlalchemy import update
 
 from digest import pipeline, store
-from digest.models import SignupMailStatus, SubscriberStatus
+from digest.models import SignupMailStatus, SubscriberStatus, Throttle
 from digest.signup import MAIL_COOLDOWN
+from digest.tokens import TokenSigner
 from tests.conftest import Recorder, free_port
 from tests.test_postgres import pg_url  # noqa: F401  (fixture used by web_env)
 from tests.webutil import (
@@ -35,6 +37,7 @@ from tests.webutil import (
     web_env,  # noqa: F401
 )
 
+SECRET = "test-secret-0123456789abcdef"  # write_config's [unsubscribe] secret
 NAME = "Zoë <script>alert(1)</script> & 𝔘🦊"
 D = date(2026, 11, 27)
 
@@ -202,6 +205,73 @@ def test_a_confirmed_signup_reactivates_an_unsubscribed_address(web_env: WebEnv)
     assert sub is not None and sub.status == SubscriberStatus.ACTIVE
     assert sub.source == "signup" and sub.regions == ["Europe"] and sub.name == "Old Name"
     assert sub.unsubscribed_at is None
+
+
+def _end_cooldown(env: WebEnv, email: str) -> None:
+    """Let the next signup of ``email`` be mailed now (as an hour later)."""
+    with env.app.sessions.begin() as session:
+        session.execute(
+            update(Throttle)
+            .where(Throttle.key == f"mail:{email}")
+            .values(until=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+
+def test_a_used_confirmation_link_never_undoes_an_unsubscribe_or_a_bounce(
+    web_env: WebEnv,
+) -> None:
+    """Replaying the link after the reader withdrew (unsubscribe, or a bounce) changes
+    nothing and says the link was superseded; only a fresh signup re-activates."""
+    env = web_env
+    unsubscribe = TokenSigner(SECRET)
+    with env.client() as client:
+        subscribe(client, "replay@example.org", name="Zoë & 𝔘", regions=["Europe"])
+        wait_for(lambda: env.smtp.to("replay@example.org"), "the confirmation mail")
+        first = link(body_text(env.smtp.to("replay@example.org")[0]), "confirm")
+        assert "You are subscribed" in client.post(first).text
+        confirmed = env.subscriber("replay@example.org")
+        assert confirmed is not None and confirmed.status == SubscriberStatus.ACTIVE
+        # Used, and still in force: the same page again, nothing changes.
+        again = client.post(first)
+        assert again.status_code == 200 and "You are subscribed" in again.text
+        same = env.subscriber("replay@example.org")
+        assert same is not None and same.confirmed_at == confirmed.confirmed_at
+
+        # One-click unsubscribe (the preference centre's button posts the same).
+        token = unsubscribe.token(confirmed.id, "replay@example.org")
+        assert client.post(f"/unsubscribe/{token}").status_code == 200
+        before = env.snapshot()
+        for r in (client.post(first), client.get(first)):
+            assert r.status_code == 410 and "superseded" in r.text, r.text
+            assert 'href="../subscribe"' in main_of(r.text) and "You are subscribed" not in r.text
+            assert 'method="post"' not in r.text  # no button that would do nothing
+        assert env.snapshot() == before
+        gone = env.subscriber("replay@example.org")
+        assert gone is not None and gone.status == SubscriberStatus.UNSUBSCRIBED
+
+        # A fresh signup is fresh consent: its link re-activates.
+        _end_cooldown(env, "replay@example.org")
+        subscribe(client, "replay@example.org", regions=["Middle East"])
+        wait_for(lambda: len(env.smtp.to("replay@example.org")) == 2, "the second mail")
+        second = link(body_text(env.smtp.to("replay@example.org")[1]), "confirm")
+        assert second != first
+        assert "You are subscribed" in client.post(second).text
+        back = env.subscriber("replay@example.org")
+        assert back is not None and back.status == SubscriberStatus.ACTIVE
+        assert back.regions == ["Middle East"] and back.unsubscribed_at is None
+        before = env.snapshot()
+        assert "You are subscribed" in client.post(first).text  # older than the consent in force
+        assert env.snapshot() == before
+
+        # Bounced since: neither link revives the address.
+        with env.app.sessions.begin() as session:
+            store.raise_hard_bounces(session, back.id, 3, 3)
+        for old in (first, second):
+            r = client.post(old)
+            assert r.status_code == 410 and "superseded" in r.text
+        dead = env.subscriber("replay@example.org")
+        assert dead is not None and dead.status == SubscriberStatus.BOUNCED
+        assert dead.regions == ["Middle East"]
 
 
 def test_already_subscribed_mail_at_most_once_a_day(sqlite_env: WebEnv) -> None:

@@ -25,6 +25,7 @@ PAGES: Final = (
     "web/confirm.html.j2",
     "web/confirmed.html.j2",
     "web/expired.html.j2",
+    "web/superseded.html.j2",
     "web/preferences.html.j2",
     "web/unsubscribe.html.j2",
     "web/unsubscribed.html.j2",

@@ -13,6 +13,8 @@
 
 ``GET /confirm/{token}`` only shows a button (scanners fetch every link in a mail, and
 some submit forms that submit themselves, so there is no script); ``POST`` subscribes.
+A link from before the address last unsubscribed or bounced gets a "superseded, sign up
+again" page instead, on both (:func:`digest.signup.link_standing`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.routing import Route
 
 from digest import signup, store
 from digest.errors import ExpiredToken, TokenError
+from digest.subscribers import normalize_email
 from digest.tokens import SignupClaim
 from digest.web.context import Web, cross_site
 from digest.web.forms import BadForm, read_form
@@ -122,10 +125,30 @@ def routes(web: Web) -> list[Route]:
         except TokenError:
             return bad_link(web, request, "confirmation link")
 
+    def superseded(request: Request) -> Response:
+        return web.pages.page(
+            request,
+            "web/superseded.html.j2",
+            status=410,
+            headers=NOINDEX,
+            title="This link was superseded",
+            noindex=True,
+        )
+
+    def standing(claim: SignupClaim) -> signup.ConfirmOutcome:
+        try:
+            email = normalize_email(claim.email)
+        except ValueError:
+            return signup.ConfirmOutcome.CONFIRMED  # refused by the POST, as before
+        with web.sessions() as session:
+            return signup.link_standing(store.subscriber_by_email(session, email), claim)
+
     def show_confirm(request: Request) -> Response:
         claim = verified(request)
         if isinstance(claim, Response):
             return claim
+        if standing(claim) == signup.ConfirmOutcome.SUPERSEDED:
+            return superseded(request)
         chosen, _ = signup.parse_regions(claim.regions or [], config.newsletter.regions)
         return web.pages.page(
             request,
@@ -147,12 +170,14 @@ def routes(web: Web) -> list[Route]:
             return claim
         try:
             with web.sessions.begin() as session:
-                sub = signup.confirm_signup(
+                sub, outcome = signup.confirm_signup(
                     session, claim, config.newsletter.regions, datetime.now(UTC)
                 )
                 sub_id, email = sub.id, sub.email
         except ValueError:  # a signed address we could no longer accept
             return bad_link(web, request, "confirmation link")
+        if outcome == signup.ConfirmOutcome.SUPERSEDED:
+            return superseded(request)
         return web.pages.page(
             request,
             "web/confirmed.html.j2",
