@@ -3,13 +3,14 @@ per subscriber, desktop and mobile widths, the plain text, and reload on change.
 
 The preview app runs in uvicorn on loopback; the round-up's pictures come from a small
 HTTP server on loopback too (no network). Skips, with the reason, when /usr/bin/chromium
-is missing. The README's screenshot comes from here:
+is missing (the Host checks need no browser and always run). The README's screenshot comes from here:
 ``DIGEST_UPDATE_SCREENSHOTS=1 pytest tests/test_preview_web.py`` writes
 docs/screenshots/editors-week.png.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import struct
@@ -21,6 +22,7 @@ from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
@@ -49,7 +51,7 @@ NOTE = (
     "(https://news.example.org/long) on the Gulf's chip race.\n\n— The editors"
 )
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"
 )
 
@@ -187,6 +189,7 @@ def loads(page: Any) -> int:
     return int(page.get_attribute("#message", "data-loads") or "0")
 
 
+@needs_chromium
 def test_the_preview_page_switches_and_reloads(
     page: Any, desk: pipeline.App, tmp_path: Path
 ) -> None:
@@ -243,6 +246,7 @@ def test_the_preview_page_switches_and_reloads(
     assert loads(page) == before + 2
 
 
+@needs_chromium
 def test_readme_screenshot_of_a_round_up_with_a_lead_and_a_note(page: Any, tmp_path: Path) -> None:
     page.set_viewport_size({"width": 1280, "height": 1500})
     frame = page.frame_locator("#message")
@@ -264,3 +268,58 @@ def test_readme_screenshot_of_a_round_up_with_a_lead_and_a_note(page: Any, tmp_p
     if os.environ.get("DIGEST_UPDATE_SCREENSHOTS") == "1":
         SHOT.parent.mkdir(parents=True, exist_ok=True)
         SHOT.write_bytes(shot)
+
+
+def _get(port: int, path: str, host: str | None) -> tuple[int, str]:
+    """GET ``path`` from 127.0.0.1:``port`` with exactly this Host header (None: none)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def test_the_preview_answers_only_to_its_own_address(preview_url: str) -> None:
+    """DNS rebinding: a page the editor visits on evil.example re-points that name at
+    127.0.0.1, and its script then reaches the preview with ``Host: evil.example:PORT``
+    (same origin for the browser, so it may read the answer). Only the names of this
+    address are served; anything else gets one clear page and none of the preview."""
+    port = urlsplit(preview_url).port
+    assert port is not None
+    paths = [
+        f"/?date={D}",
+        f"/message?date={D}&subscriber=kofi%40example.org",
+        f"/message?date={D}&subscriber=kofi%40example.org&part=text",
+        f"/version?date={D}",
+        "/preview.js",
+    ]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        status, body = _get(port, paths[0], host)
+        assert status == 200 and "kofi@example.org" in body, host  # what a forger would read
+        status, body = _get(port, paths[1], host)
+        assert status == 200 and "Hello Kofi," in body, host
+    forged = [
+        f"evil.example:{port}",
+        "evil.example",
+        f"127.0.0.1.evil.example:{port}",
+        f"localhost.evil.example:{port}",
+        f"127.0.0.1:{port + 1}",
+        "127.0.0.1",  # the port is not 80
+        f"127.0.0.1:{port}.evil.example",
+        f"[::1]:{port}@evil.example",
+        f"evil.example:{port}, 127.0.0.1:{port}",
+    ]
+    for host in forged:
+        for path in paths:
+            status, body = _get(port, path, host)
+            assert status == 421, (host, path, status)
+            assert "kofi@example.org" not in body and "Hello Kofi" not in body, host
+            assert "Kofi" not in body and "Europe story" not in body and "fetch(" not in body
+            assert f"http://127.0.0.1:{port}/" in body and "Host" in body, body
+    status, body = _get(port, paths[0], None)  # no Host at all (HTTP/1.1 requires one)
+    assert status in (400, 421) and "kofi@example.org" not in body

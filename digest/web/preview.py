@@ -8,7 +8,10 @@ message itself is rendered by :func:`digest.pipeline.preview`, the same code as
 Live reload without websockets: the page asks ``/version`` every second for a fingerprint
 of the templates folder and of the issue (selection, lead, note, subject, approval, the
 articles' text) and reloads the frame when it changes. Nothing here writes anything.
-It listens on 127.0.0.1 only: it shows subscribers' addresses.
+It listens on 127.0.0.1 only: it shows subscribers' addresses. Loopback alone is not
+enough: a page the editor visits can re-point its own name at 127.0.0.1 (DNS rebinding)
+and then read this server as its own origin, so any request whose ``Host`` is not this
+server's own address is refused (:class:`OwnHostOnly`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import json
 from datetime import date
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from digest import editorial, pipeline, store
 from digest.errors import DigestError
@@ -145,6 +151,46 @@ _SCRIPT = """"use strict";
 """
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+class OwnHostOnly:
+    """ASGI middleware: serve only requests addressed to this server by one of its own
+    names (the address it listens on, ``localhost``, ``127.0.0.1``, ``[::1]``) with its
+    port; anything else gets a 421 page that names the address to use.
+
+    The listening address comes from the connection (the ASGI ``server``), so the check
+    holds whatever port was chosen, including an ephemeral one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host, port = scope.get("server") or ("127.0.0.1", 80)
+        names = {*_LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}
+        allowed = {f"{name}:{port}" for name in names}
+        if port == 80:  # browsers leave the default port out
+            allowed |= names
+        asked = Headers(scope=scope).get("host", "")
+        if asked.strip().lower() in allowed:
+            await self.app(scope, receive, send)
+            return
+        where = f"http://127.0.0.1:{port}/"
+        page = (
+            "<!DOCTYPE html><meta charset='utf-8'><title>Wrong address</title>"
+            "<p style='font-family:sans-serif;padding:24px'>This digest preview answers "
+            f"only at <a href='{where}'>{where}</a>. The request named another host "
+            f"(Host: {html.escape(asked[:200]) or 'none'}), so it was refused: a web page "
+            "could otherwise read subscribers' addresses and drafts from here.</p>"
+        )
+        response = HTMLResponse(page, status_code=421, headers=_headers(_MESSAGE_CSP))
+        await response(scope, receive, send)
+
+
 def _editions(app: pipeline.App) -> list[tuple[str, ...] | None]:
     """Every edition subscribers get (each distinct region set), in config order."""
     configured = app.config.newsletter.regions
@@ -262,7 +308,8 @@ def create_preview_app(app: pipeline.App, default_date: date | None = None) -> S
             Route("/version", version, methods=["GET"]),
             Route("/preview.js", script, methods=["GET"]),
             Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
-        ]
+        ],
+        middleware=[Middleware(OwnHostOnly)],
     )
 
 
