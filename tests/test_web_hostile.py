@@ -5,6 +5,7 @@ expired tokens, link scanners. Each case gets a clear page and changes nothing."
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from starlette.testclient import TestClient
 from digest import pipeline, store
 from digest.models import Subscriber, SubscriberStatus
 from digest.tokens import ConfirmSigner, TokenSigner
-from digest.web import create_app
+from digest.web import create_app, loggable_path
 from digest.web.clientip import client_address, trusted_networks
 from tests.conftest import Recorder
 from tests.test_postgres import pg_url  # noqa: F401  (fixture used by web_env)
@@ -410,6 +411,54 @@ def test_security_headers_on_every_response(sqlite_env: WebEnv) -> None:
             assert "<script" not in r.text.lower(), what
             assert "charset=utf-8" in r.headers["content-type"], what
     assert responses["405"].status_code == 405 and responses["404"].status_code == 404
+
+
+def test_a_path_cannot_write_lines_of_its_own_into_the_log(
+    tmp_path: Path,
+    feed_file: Path,
+    smtp_server: tuple[Controller, Recorder],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 503 handler logs the request path, which the app sees decoded: control
+    characters in it (line breaks, a terminal's escape sequences) would let the requester
+    start or overwrite log lines. Paths are logged percent-encoded, as sent."""
+    env = make_env(tmp_path, smtp_server, None)
+    try:
+        empty = store.open_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+        broken = create_app(env.config, store.session_factory(empty))
+        # A genuine token with control characters and punctuation behind it still
+        # verifies (base64 skips them), and a path ending in a newline still matches
+        # its route, so all of these reach the database, which fails.
+        token = TokenSigner(SECRET).token(1, "a@example.org")
+        junk = "%0d%0a%0b%0c%1b%5b!!"  # CR LF VT FF ESC [ ! !: a multiple of 4 characters
+        requests = {
+            f"GET /unsubscribe/{token}{junk.upper()}": (
+                "GET",
+                f"/unsubscribe/{token}{junk}",
+            ),
+            "POST /subscribe%0A": ("POST", "/subscribe%0a"),
+            "GET /archive/feed.xml%0A": ("GET", "/archive/feed.xml%0A"),
+        }
+        # (Not entered as a context: no lifespan, so no signup mailer logging its own
+        # failures to reach the database.)
+        client = TestClient(broken, raise_server_exceptions=False, client=PEER)
+        with caplog.at_level(logging.ERROR, logger="digest.serve"):
+            for method, path in requests.values():
+                assert client.request(method, path).status_code == 503, path
+        messages = [r.getMessage() for r in caplog.records if r.name == "digest.serve"]
+        assert len(messages) == len(requests)
+        for expected, message in zip(requests, messages, strict=True):
+            said, _, exc = message.partition(": (sqlite3.OperationalError)")
+            assert exc, message  # the database's error is still there
+            assert said.isprintable(), repr(said)  # no line break, no escape sequence
+            assert said == expected  # and what was asked for, whole
+        # Line breaks outside ASCII, 4-byte characters and undecodable bytes too.
+        assert (
+            loggable_path("/a\x85\u2028🦊\udcff b") == "/a%C2%85%E2%80%A8%F0%9F%A6%8A%5Cudcff%20b"
+        )
+        empty.dispose()
+    finally:
+        env.app.engine.dispose()
 
 
 def test_no_stack_trace_ever_reaches_a_response(

@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Final
+from urllib.parse import quote
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -52,7 +53,15 @@ ROBOTS: Final = (
 )
 _STOP_GRACE_SECONDS: Final = 5.0
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "loggable_path"]
+
+
+def loggable_path(path: str) -> str:
+    """A request path as it may go into a log line: percent-encoded again, as it came
+    over the wire. The path the app sees is decoded, and control characters in it
+    (``%0b``, ``%0c``, ``%1b``, ``%c2%85``, ``%e2%80%a8``, and ``%0d%0a`` in the ASGI
+    ``path``) would otherwise start or overwrite log lines of the requester's making."""
+    return quote(path, safe="/!$&'()*+,;=:@~", errors="backslashreplace")
 
 
 def create_app(
@@ -120,7 +129,9 @@ def create_app(
     async def unavailable(request: Request, exc: Exception) -> Response:
         # The database is down or locked, or digest refused something: say so in the
         # log with the whole story, and show the reader a page without any of it.
-        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        log.error(
+            "%s %s: %s", request.method, loggable_path(request.scope["path"]), exc, exc_info=exc
+        )
         return pages.error(request, 503, headers={"Retry-After": "60"})
 
     async def server_error(request: Request, exc: Exception) -> Response:
