@@ -2,10 +2,10 @@
 per subscriber, desktop and mobile widths, the plain text, and reload on change.
 
 The preview app runs in uvicorn on loopback; the round-up's pictures come from a small
-HTTP server on loopback too (no network). Skips, with the reason, when /usr/bin/chromium
-is missing (the Host checks need no browser and always run). The README's screenshot comes from here:
-``DIGEST_UPDATE_SCREENSHOTS=1 pytest tests/test_preview_web.py`` writes
-docs/screenshots/editors-week.png.
+HTTP server on loopback too (no network). The browser tests skip, with the reason, when
+/usr/bin/chromium is missing (the Host checks need no browser and always run). The
+README's screenshot comes from here: ``DIGEST_UPDATE_SCREENSHOTS=1 pytest
+tests/test_preview_web.py`` writes docs/screenshots/editors-week.png.
 """
 
 from __future__ import annotations
