@@ -46,3 +46,31 @@ def test_example_command_parses(where: str, args: list[str]) -> None:
     result = CliRunner().invoke(main, [*args, "--help"])
     assert result.exit_code == 0, (where, args, result.output)
     assert "Example:" in result.output
+
+
+def unit(name: str) -> tuple[dict[str, list[str]], str]:
+    """A systemd unit in examples/systemd: its settings (key → values) and its comments."""
+    settings: dict[str, list[str]] = {}
+    comments = []
+    for line in (EXAMPLES / "systemd" / name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            comments.append(line.lstrip("# "))
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings, " ".join(comments)
+
+
+def test_the_serve_unit_says_what_serve_does_and_what_it_must_write() -> None:
+    """`digest serve` is the whole reader-facing side and sends the signup mails itself:
+    through the relay (network, the relay's password) or into the [outbox] Maildir, which
+    the sandbox must let it write wherever it is kept."""
+    settings, comments = unit("digest-serve.service")
+    description = settings["Description"][0]
+    assert "unsubscribe" not in description or "signup" in description, description
+    for page in ("/subscribe", "/confirm/", "/preferences/", "/archive", "/unsubscribe/"):
+        assert page in comments, page
+    assert "[smtp]" in comments and "[outbox]" in comments
+    assert "ReadWritePaths" in comments  # what to add for an outbox kept elsewhere
+    assert "/var/lib/digest" in settings["ReadWritePaths"][0].split()
+    assert settings["EnvironmentFile"] == ["-/etc/digest/secrets.env"]  # the relay's password
