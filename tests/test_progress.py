@@ -3,6 +3,7 @@ nothing but a short summary with --quiet."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -202,9 +203,32 @@ def test_unknown_totals_and_long_waits_read_well(pipe: tuple[int, int]) -> None:
         assert readable(r) == ("digest send: 100/100000 messages (0%), 10.0/s, about 2h46m left\n")
 
 
+def drained_until(leader: int, marker: bytes, timeout: float = 60) -> str:
+    """What the terminal showed before ``marker``, read from the pty's ``leader`` side.
+
+    The marker is written after the output we wait for; a pty keeps order, so when the
+    marker arrives everything before it has (no "wait a while and look"). Bytes are
+    collected and decoded once at the end: a pty hands writes over in pieces of at most
+    4095 bytes, cut anywhere, even inside a character such as the bar's "━" -- and a
+    bar that lives a second or two (a loaded machine) has rich's refresh thread draw it
+    10 times a second, well past 4 KB.
+    """
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"the terminal never showed {marker!r}; last bytes: {out[-200:]!r}")
+        select.select([leader], [], [], min(left, 1.0))
+        with contextlib.suppress(BlockingIOError):  # select said readable; be sure anyway
+            out += os.read(leader, 65536)
+    return out[: out.index(marker)].decode("utf-8")
+
+
 def test_quiet_meter_writes_nothing_even_on_a_terminal() -> None:
     leader, follower = os.openpty()
     os.set_blocking(leader, False)
+    shown: dict[bool, str] = {}
     try:
         with os.fdopen(follower, "w") as tty:
             assert tty.isatty()
@@ -212,14 +236,12 @@ def test_quiet_meter_writes_nothing_even_on_a_terminal() -> None:
                 with meter("send", "messages", 10, quiet=quiet, stream=tty) as m:
                     for i in range(11):
                         m.update(i)
+                marker = f"[end of quiet={quiet}]"
+                tty.write(marker)
                 tty.flush()
-                written = readable(leader)
-                if not quiet:  # the pty hands over what was written in pieces
-                    deadline = time.monotonic() + 30
-                    while "10/10" not in written and time.monotonic() < deadline:
-                        select.select([leader], [], [], 0.5)
-                        written += readable(leader)
-                assert (written == "") is quiet
-            assert "10/10" in written  # the same meter without --quiet draws its bar
+                shown[quiet] = drained_until(leader, marker.encode())
     finally:
         os.close(leader)
+    assert shown[True] == ""  # not a byte before the marker
+    # The same meter without --quiet draws its bar, in place, to the end.
+    assert "10/10" in shown[False] and ESC + "[" in shown[False] and "━" in shown[False]
