@@ -7,6 +7,7 @@ once, in :class:`DigestGroup`, printed as one line, and turned into its exit cod
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from digest import pipeline
 from digest.config import Config, default_config_path, load_config
 from digest.errors import DigestError, UsageError
+from digest.ratelimit import pause_line
 from digest.send import SendStats
 
 if TYPE_CHECKING:
@@ -131,6 +133,9 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       digest run --once                # or all of it now, once (from cron)
     """
     ctx.obj = Obj(config_path)
+    # psycopg reports a dropped connection's clean-up as a warning of its own; the one
+    # line digest prints about it says everything the operator needs.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -409,10 +414,14 @@ def _print_send(report: pipeline.SendReport, config: Config, brief: bool = False
     """Print what a send did (``brief``: two lines); return its exit code."""
     edition = report.edition_date
     click.echo(f"round-up {edition}: {report.subject}")
+    if report.already_fired:
+        click.echo("this firing was made already by another digest process; nothing to do")
+        return 0
     s, c = report.stats, report.counts
+    taken = f", {s.lost} taken over by another worker" if s.lost else ""
     click.echo(
         f"this run: {s.sent} sent, {s.failed} failed, {s.deferred} deferred, {s.skipped} skipped, "
-        f"{s.retries} retries, {report.editions} editions rendered"
+        f"{s.retries} retries, {report.editions} editions rendered{taken}"
     )
     if not brief:
         click.echo(
@@ -421,6 +430,12 @@ def _print_send(report: pipeline.SendReport, config: Config, brief: bool = False
         )
     if config.outbox is not None and s.sent and not brief:
         click.echo(f"written to the outbox {config.outbox.path / 'new'} (Maildir)")
+    if s.paused is not None:
+        # Not a failure: the relay's quota is used up; the rest waits for the window.
+        pending = c["pending"] + c["sending"]
+        p = s.paused
+        click.echo(pause_line(p.window, p.limit, pending, p.resumes_at, config.schedule.tz))
+        return 1 if c["failed"] else 0
     if s.interrupted or c["pending"] + c["sending"]:
         why = "send stopped early" if s.interrupted else "send did not finish"
         click.echo(

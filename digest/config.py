@@ -97,6 +97,33 @@ class SMTP(_Section):
     data_timeout_seconds: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=20)
     retry_base_seconds: float = Field(default=2.0, ge=0)
+    # The relay's quotas, shared by every worker on the database (0 = unlimited).
+    max_per_second: int = 0
+    max_per_hour: int = 0
+    max_per_day: int = 0
+
+    @field_validator("max_per_second", "max_per_hour", "max_per_day", mode="before")
+    @classmethod
+    def _limit(cls, value: Any) -> Any:
+        # Strict: 100.5 or "100" is a mistake to point at, not a number to round.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"must be a whole number of messages, 0 or more (0 = unlimited); got {value!r}"
+            )
+        return value
+
+
+class Send(_Section):
+    # A worker's claim on its deliveries lasts this long without a renewal; the heartbeat
+    # renews it every third of it, so a dead worker's rows return to the pool this fast.
+    lease_seconds: int = 60
+
+    @field_validator("lease_seconds", mode="before")
+    @classmethod
+    def _lease(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 5:
+            raise ValueError(f"must be a whole number of seconds, 5 or more; got {value!r}")
+        return value
 
 
 class Outbox(_Section):
@@ -248,6 +275,7 @@ class Config(_Section):
     newsletter: Newsletter
     database: Database = Database()
     smtp: SMTP = SMTP()
+    send: Send = Send()
     schedule: Schedule = Schedule()
     unsubscribe: Unsubscribe
     signup: Signup = Signup()

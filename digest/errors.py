@@ -18,9 +18,11 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
     ├── SendInProgress               another ``digest send`` holds this issue
     ├── AwaitingApproval             approval is required and the issue has none yet
     ├── EditRefused                  exit 2: the issue's sending has started; it is final
+    ├── RatePaused                   exit 0: the relay's hour/day quota is used up for now
     └── DeliveryError                one SMTP delivery went wrong
         ├── TransientDeliveryError   4xx reply, dropped connection, timeout: retry later
-        │   └── AmbiguousDeliveryError  the reply to the final "." never came
+        │   ├── AmbiguousDeliveryError  the reply to the final "." never came
+        │   └── ThrottledError       421 / 4xx with 4.7.x: the relay asks us to slow down
         ├── PermanentDeliveryError   the recipient was refused (5xx to RCPT, 5.1.x/5.2.x)
         └── SMTPUnavailableError     cannot connect or log in at all: abort the run
             ├── SenderRejectedError  the server refuses our sender, session or message
@@ -29,6 +31,8 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class DigestError(Exception):
@@ -91,6 +95,21 @@ class EditRefused(DigestError):
     exit_code = 2
 
 
+class RatePaused(DigestError):
+    """An hour or day window of the relay's quota is full: stop sending until it reopens.
+
+    Not a failure (exit 0): the send pauses and resumes after ``resumes_at``.
+    """
+
+    exit_code = 0
+
+    def __init__(self, message: str, window: str, limit: int, resumes_at: datetime) -> None:
+        super().__init__(message)
+        self.window = window
+        self.limit = limit
+        self.resumes_at = resumes_at
+
+
 class DeliveryError(DigestError):
     """One message could not be handed to the SMTP server.
 
@@ -110,6 +129,15 @@ class TransientDeliveryError(DeliveryError):
 
 class AmbiguousDeliveryError(TransientDeliveryError):
     """The server never answered the final ".": the message may have been delivered."""
+
+
+class ThrottledError(TransientDeliveryError):
+    """The relay asks us to slow down: 421, a 4xx with a 4.7.x code, or "throttling".
+
+    Gmail ``421 4.7.28``, Microsoft ``451 4.7.650``, Yahoo ``421 4.7.0 [TSS04]``, SES
+    ``454 Throttling failure``. Every worker slows down; the message is retried without
+    using up its retry budget.
+    """
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -209,6 +210,10 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Who claimed the row (``host:pid:random``, kept after the outcome: who sent it) and
+    # the claim's token; every outcome write is fenced by both (see ``ledger.py``).
+    owner: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[str | None] = mapped_column(String(300))
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -258,3 +263,53 @@ class Throttle(Base):
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     until: Mapped[datetime] = mapped_column(UTCDateTime)
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RelayLimit(Base):
+    """The shared state of one relay's rate limiter (see ``ratelimit.py``).
+
+    Times are seconds since the epoch by the database's clock, never a host's.
+    """
+
+    __tablename__ = "relay_limits"
+    relay: Mapped[str] = mapped_column(String(300), primary_key=True)
+    # GCRA: the theoretical arrival time of the next message under the per-second rate.
+    tat: Mapped[float] = mapped_column(Float, default=0.0)
+    # Throttle back-off (AIMD): the rate right after the last cut, the rate it recovers
+    # towards, and when the cut happened. All null when the relay is not throttling us.
+    rate: Mapped[float | None] = mapped_column(Float)
+    ceiling: Mapped[float | None] = mapped_column(Float)
+    cut_at: Mapped[float | None] = mapped_column(Float)
+    throttles: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RelayUsage(Base):
+    """Messages handed to a relay per minute: the rolling hour and day windows."""
+
+    __tablename__ = "relay_usage"
+    relay: Mapped[str] = mapped_column(String(300), primary_key=True)
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True)  # epoch seconds // 60
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LeaderLease(Base):
+    """Which ``digest run`` schedules: one row per role, renewed by its holder."""
+
+    __tablename__ = "leader_lease"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    leader_id: Mapped[str] = mapped_column(String(200))
+    elected_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ScheduledFire(Base):
+    """One firing of a scheduled job: the unique (job, slot) makes every firing happen once."""
+
+    __tablename__ = "scheduled_fires"
+    __table_args__ = (UniqueConstraint("job", "slot"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job: Mapped[str] = mapped_column(String(100))
+    slot: Mapped[datetime] = mapped_column(UTCDateTime)
+    edition_date: Mapped[date] = mapped_column(Date)
+    fired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    fired_by: Mapped[str] = mapped_column(String(200))

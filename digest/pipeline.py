@@ -12,11 +12,11 @@ import email
 import email.policy
 import signal
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from email.message import EmailMessage
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,8 +24,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from digest import ingest, store
 from digest.config import Config
 from digest.dkimsign import DKIMSigner, load_signer
-from digest.errors import NothingToSend, UsageError
+from digest.errors import DigestError, NothingToSend, UsageError
+from digest.ledger import Claimed, Ledger
 from digest.models import Article, DeliveryStatus, Issue, IssueStatus
+from digest.ratelimit import (
+    Limits,
+    Pause,
+    RelayLimiter,
+    pause_line,
+    relay_key,
+    window_pause,
+)
 from digest.render import IssueContext, MessageTemplate, Recipient, Renderer
 from digest.select import Section, edition_key, edition_sections, select_sections, window
 from digest.send import (
@@ -37,15 +46,12 @@ from digest.send import (
     TransportFactory,
     transport_factory,
 )
-from digest.store import Claimed
 from digest.tokens import MessageTags, TokenSigner
 
 # Three hard bounces in a row and we stop mailing an address: mailbox providers read
 # repeated sends to dead addresses as a spammer's sign.
 BOUNCE_THRESHOLD = 3
-CLAIM_BATCH = 500
 PERSONALIZE_CHUNK = 64
-LEASE = timedelta(minutes=10)
 
 
 @dataclass
@@ -129,13 +135,35 @@ def issue_sections(
     return None, plan_sections(session, config, edition_date)
 
 
+@dataclass(frozen=True)
+class Fire:
+    """A scheduled firing: its (job, slot) row makes it happen once across all runners."""
+
+    job: str
+    slot: datetime
+    by: str
+
+
+class _AlreadyFired(Exception):
+    """The scheduled firing being built was made already (by another runner)."""
+
+
 def build_issue(
-    app: App, renderer: Renderer, edition_date: date
+    app: App, renderer: Renderer, edition_date: date, fire: Fire | None = None
 ) -> tuple[Issue, list[Section[Article]]]:
-    """Freeze the selection for ``edition_date`` once; later calls return the same issue."""
+    """Freeze the selection for ``edition_date`` once; later calls return the same issue.
+
+    With ``fire``, its (job, slot) row is written in the same transaction; when that
+    firing happened already, :class:`_AlreadyFired` is raised and nothing is written.
+    """
     with app.sessions() as session:
+        if fire is not None and not store.record_fire(
+            session, fire.job, fire.slot, edition_date, datetime.now(UTC), fire.by
+        ):
+            raise _AlreadyFired(fire.job)
         issue, sections = issue_sections(session, app.config, edition_date)
         if issue is not None:
+            session.commit()
             return issue, sections
         if not sections:
             raise _nothing(app.config, edition_date)
@@ -204,6 +232,11 @@ class Editions:
             chosen = edition_sections(self._sections, key)
             self._cache[key] = self._renderer.edition(self._ctx, chosen, key) if chosen else None
         return self._cache[key]
+
+    def refresh(self, issue_ctx: IssueContext, sections: Sequence[Section[Article]]) -> None:
+        """Use the issue as it stands now (before anything was rendered)."""
+        assert not self._cache, "an edition was rendered already"
+        self._ctx, self._sections = issue_ctx, sections
 
     @property
     def rendered(self) -> int:
@@ -287,88 +320,6 @@ def preview(
 # --- send --------------------------------------------------------------------------------------
 
 
-class SQLLedger:
-    """Batches outcomes from all workers into one commit; each ``record`` waits for it.
-
-    A worker's next message starts only after its previous outcome is committed, yet
-    rows from K workers share a commit, so the ledger costs little per message.
-    """
-
-    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
-        self._conn = engine.connect()
-        self._pending: list[tuple[Outcome, asyncio.Future[None] | None]] = []
-        self._wake = asyncio.Event()
-        self._closed = False
-
-    async def record(self, outcome: Outcome) -> None:
-        """Queue one outcome and wait until it is committed."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, fut))
-        self._wake.set()
-        await fut
-
-    def record_later(self, outcome: Outcome) -> None:
-        """Queue one outcome without waiting (skips, written with the next batch)."""
-        self._pending.append((outcome, None))
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Flush whenever something is queued, until closed."""
-        while not self._closed or self._pending:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0)  # let the other workers' outcomes join this commit
-            self.flush()
-
-    async def close(self) -> None:
-        """Flush what is left and stop :meth:`run`."""
-        self._closed = True
-        self._wake.set()
-
-    def flush(self) -> None:
-        """Write every queued outcome in one transaction."""
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        now = datetime.now(UTC)
-        rows: list[dict[str, Any]] = []
-        bounced: list[int] = []
-        try:
-            for o, _ in batch:
-                rows.append(
-                    {
-                        "id": o.delivery_id,
-                        "status": o.status,
-                        "attempts": o.attempts,
-                        "last_error": o.error,
-                        "message_id": o.message_id,
-                        "sent_at": now if o.status == DeliveryStatus.SENT else None,
-                        "next_attempt_at": o.next_attempt_at,
-                    }
-                )
-                if o.permanent:
-                    bounced.append(o.delivery_id)
-            store.record_outcomes(self._conn, rows)
-            if bounced:  # rare: a query each, after the statuses above are written
-                with self._sessions() as session:
-                    for delivery_id in bounced:
-                        store.count_hard_bounce(session, delivery_id, BOUNCE_THRESHOLD)
-                    session.commit()
-        except BaseException as exc:
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc)
-            raise
-        for _, fut in batch:
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    def dispose(self) -> None:
-        """Release the ledger's connection."""
-        self._conn.close()
-
-
 @dataclass
 class SendReport:
     """What ``send`` did for one date."""
@@ -381,6 +332,7 @@ class SendReport:
     would_send: int = 0
     stats: SendStats = field(default_factory=SendStats)
     counts: dict[str, int] = field(default_factory=dict)
+    already_fired: bool = False  # a scheduled firing that another runner made already
 
 
 def send(
@@ -391,13 +343,16 @@ def send(
     transports: TransportFactory | None = None,
     progress: Callable[[SendStats], None] | None = None,
     stop: threading.Event | None = None,
+    fire: Fire | None = None,
 ) -> SendReport:
     """Build (once) and send the round-up for ``edition_date`` to everyone not yet served.
 
-    Holds an exclusive per-date lock for the whole run, so a second ``send`` for the same
-    date exits at once instead of mailing anyone twice. SIGTERM/SIGINT (in the main
-    thread) or ``stop`` end the run early: messages in flight finish and are recorded,
-    the rest stay pending for the next run.
+    Every call is a worker: on PostgreSQL any number of them, on any hosts, share the
+    issue's deliveries through leased claims (see ``ledger.py``); on SQLite they take
+    turns. SIGTERM/SIGINT (in the main thread) or ``stop`` end the run early: messages
+    in flight finish and are recorded, the rest stay pending for the next run. When the
+    relay's hour/day quota is full the run pauses (``report.stats.paused``). With
+    ``fire``, nothing happens if that firing already happened (``report.already_fired``).
     """
     config = app.config
     renderer = Renderer(config)
@@ -405,57 +360,94 @@ def send(
         return _dry_run(app, renderer, edition_date)
     signer = TokenSigner(config.unsubscribe_secret, config.unsubscribe_old_secrets)
     dkim = load_signer(config.dkim)
-    with store.exclusive_lock(app.engine, f"send:{edition_date.isoformat()}"):
-        issue, sections = build_issue(app, renderer, edition_date)
+    with store.sqlite_turn(app.engine, f"send:{edition_date.isoformat()}"):
+        try:
+            issue, sections = build_issue(app, renderer, edition_date, fire)
+        except _AlreadyFired:
+            return SendReport(edition_date, "", dry_run=False, already_fired=True)
         from digest.editorial import check_approval  # editorial builds on this module
 
         check_approval(app, issue)
         report = SendReport(edition_date, issue.subject, dry_run=False)
         with app.sessions() as session:
+            # One worker at a time adds the deliveries; the others wait a moment.
+            store.lock_issue(session, issue.id)
             report.new_deliveries = store.create_deliveries(session, issue.id)
-            store.release_orphans(session, issue.id)
+            if app.engine.dialect.name != "postgresql":
+                # SQLite: we hold the turn, so every claim left is a crashed run's.
+                store.release_orphans(session, issue.id)
             gone = store.skip_unsubscribed(session, issue.id)
             session.commit()
             total = store.count_sendable(session, issue.id, datetime.now(UTC))
         editions = Editions(config, renderer, issue_context(edition_date, issue), sections)
         factory = transports or transport_factory(config)
+        ledger = Ledger(app.engine, app.sessions, issue.id, config.send.lease_seconds, _bounce)
         try:
             report.stats = asyncio.run(
                 _send_async(
-                    app, issue, editions, signer, dkim, renderer, factory, progress, stop, total
+                    app,
+                    issue,
+                    editions,
+                    signer,
+                    dkim,
+                    renderer,
+                    factory,
+                    progress,
+                    stop,
+                    total,
+                    ledger,
                 )
             )
         finally:
-            # Whatever happened, rows this run claimed but never tried go back to pending
-            # (we still hold the lock, so no one else owns them).
-            counts, gone_since = _settle(app, issue)
+            # Whatever happened, rows this worker claimed but never finished go back.
+            counts, gone_since = _settle(app, issue, ledger)
         report.stats.skipped += gone + gone_since
         report.editions = editions.rendered
         report.counts = counts
         return report
 
 
-def _settle(app: App, issue: Issue) -> tuple[dict[str, int], int]:
-    """Release unsent claims and mark the issue sent once nothing is left open.
+def _bounce(session: Session, delivery_id: int) -> None:
+    store.count_hard_bounce(session, delivery_id, BOUNCE_THRESHOLD)
+
+
+def _settle(app: App, issue: Issue, ledger: Ledger) -> tuple[dict[str, int], int]:
+    """Release our unsent claims and mark the issue sent once nothing is left open.
 
     Returns the ledger counts and how many rows were skipped here: readers who left the
     list while the run was going (a one-click unsubscribe mid-send) are never claimed,
     and leaving their rows pending would keep the issue open and the run "unfinished".
     """
+    try:
+        ledger.release()
+    except DigestError:
+        # The database is gone: our claims return to the pool when their leases expire.
+        ledger.dispose()
+        raise
+    ledger.dispose()
     with app.sessions() as session:
-        store.release_orphans(session, issue.id)
         gone = store.skip_unsubscribed(session, issue.id)
         counts = store.delivery_counts(session, issue.id)
-        merged = session.merge(issue)
-        now = datetime.now(UTC)
-        # "sending" from the first delivered message: from then on readers have these
-        # articles, so later issues must not repeat them even if some rows are deferred.
-        if counts["pending"] + counts["deferred"] + counts["sending"] == 0:
-            store.set_issue_status(session, merged, IssueStatus.SENT, now)
-        elif counts["sent"] and merged.status == IssueStatus.READY:
-            store.set_issue_status(session, merged, IssueStatus.SENDING, now)
+        store.advance_issue(session, issue.id, counts, datetime.now(UTC))
         session.commit()
         return counts, gone
+
+
+def _read_final_issue(app: App, issue: Issue, editions: Editions) -> None:
+    """Read the issue again once our first claim is committed, under the issue's row lock.
+
+    From that claim on, editors' changes are refused (messages are out); one committing
+    right now holds the row lock, so waiting for it and reading after it sees the issue
+    as it will stay. (SQLite needs none of this: an edit waits for the sender's turn.)
+    """
+    with app.sessions() as session:
+        store.lock_issue(session, issue.id)
+        fresh = store.issue_for_date(session, issue.edition_date)
+        assert fresh is not None
+        session.refresh(fresh)
+        sections = _frozen_sections(session, app.config, fresh)
+        editions.refresh(issue_context(fresh.edition_date, fresh), sections)
+        session.commit()
 
 
 async def _send_async(
@@ -469,9 +461,12 @@ async def _send_async(
     progress: Callable[[SendStats], None] | None,
     stop: threading.Event | None,
     total: int,
+    ledger: Ledger,
 ) -> SendStats:
     config = app.config
-    ledger = SQLLedger(app.engine, app.sessions)
+    limits = Limits.from_config(config.smtp)
+    relay = relay_key(config.smtp)
+    limiter = RelayLimiter(app.engine, relay, limits, demand=lambda: engine.outstanding)
     engine = SendEngine(
         transports,
         ledger,
@@ -479,6 +474,7 @@ async def _send_async(
         config.smtp.concurrency,
         RetryPolicy(config.smtp.max_attempts, config.smtp.retry_base_seconds),
         progress,
+        limiter,
     )
     engine.stats.total = total
     if progress is not None:
@@ -489,6 +485,7 @@ async def _send_async(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, engine.stop)
     ledger_task = asyncio.create_task(ledger.run())
+    heartbeat = asyncio.create_task(ledger.heartbeat())
 
     async def watch_stop() -> None:
         # A threading.Event set by another thread (the scheduler's signal handler).
@@ -503,17 +500,17 @@ async def _send_async(
     Job = tuple[Claimed, MessageTemplate, Recipient]
     tags = message_tags(config)
 
-    def claimed_jobs() -> Iterator[list[Job]]:
+    async def claimed_jobs() -> AsyncIterator[list[Job]]:
         """Claimed deliveries in keyset order, in chunks; empty editions recorded as skipped."""
-        after = 0
-        with app.sessions() as session:
-            while True:
-                batch = store.claim_deliveries(
-                    session, issue.id, after, CLAIM_BATCH, datetime.now(UTC), LEASE
-                )
-                if not batch:
-                    return
-                after = batch[-1].delivery_id
+        first = True
+        async with contextlib.aclosing(ledger.batches(lambda: engine.stopping)) as batches:
+            async for batch in batches:
+                if not batch:  # the ledger is about to wait for other workers
+                    yield []
+                    continue
+                if first and app.engine.dialect.name == "postgresql":
+                    _read_final_issue(app, issue, editions)
+                first = False
                 jobs: list[Job] = []
                 for c in batch:
                     template = editions.for_regions(c.regions)
@@ -551,7 +548,14 @@ async def _send_async(
 
     async def chunks() -> AsyncIterator[tuple[list[Job], list[bytes]]]:
         ahead: tuple[list[Job], asyncio.Future[list[bytes]]] | None = None
-        for jobs in claimed_jobs():
+        async for jobs in claimed_jobs():
+            if not jobs:
+                # Nothing more for now: hand over the chunk held back, or a worker waiting
+                # for others would sit on claimed rows that they in turn wait for.
+                if ahead is not None:
+                    yield ahead[0], await ahead[1]
+                    ahead = None
+                continue
             current = (jobs, start(jobs))  # one chunk ahead of the one being sent
             if ahead is not None:
                 yield ahead[0], await ahead[1]
@@ -572,8 +576,11 @@ async def _send_async(
         if watcher is not None:
             watcher.cancel()
         await ledger.close()
-        await ledger_task
-        ledger.dispose()
+        heartbeat.cancel()
+        try:
+            await ledger_task
+        finally:
+            limiter.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
@@ -628,6 +635,9 @@ class StatusReport:
     subscribers: dict[str, int]
     articles: int
     missed: list[date] = field(default_factory=list)
+    paused: Pause | None = None  # the relay's hour/day quota is full right now
+    pending: int = 0  # rows still to send in issues not completely sent
+    paused_line: str | None = None  # how ``status`` says so
 
 
 def has_open_issue(app: App, edition_date: date) -> bool:
@@ -685,6 +695,18 @@ def status(app: App, limit: int = 10) -> StatusReport:
         ]
         built = {r.edition_date for r in rows}
         missed = sorted((d for d in missed_dates if d not in built), reverse=True)
-        return StatusReport(
+        report = StatusReport(
             rows, store.subscriber_counts(session), store.article_count(session), missed
         )
+    report.pending = sum(
+        r.counts["pending"] + r.counts["sending"] for r in rows if r.status != IssueStatus.SENT
+    )
+    limits = Limits.from_config(app.config.smtp)
+    if limits.windowed:
+        with app.engine.connect() as conn:
+            report.paused = window_pause(conn, relay_key(app.config.smtp), limits)
+    if report.paused is not None:
+        p = report.paused
+        tz = app.config.schedule.tz
+        report.paused_line = pause_line(p.window, p.limit, report.pending, p.resumes_at, tz)
+    return report

@@ -14,6 +14,11 @@ Why it is shaped this way:
 * Transient failures (4xx, dropped connection, timeout) are retried on a fresh connection
   after an exponential backoff with jitter, so a relay that rate-limits us is not hammered
   by K workers retrying in lockstep.
+* Throttling replies (421, 4xx with 4.7.x) also slow every worker down through the shared
+  :class:`Limiter`, and are retried without using up the message's retry budget: a relay
+  that says "slower" has not refused the message.
+* Before each SMTP transaction the ledger must ``admit`` the delivery: a worker whose
+  claim was taken over, or whose lease may be about to expire, opens no new transaction.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ from digest.config import Config
 from digest.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
+    DigestError,
     PermanentDeliveryError,
+    RatePaused,
     SenderRejectedError,
     SMTPUnavailableError,
+    ThrottledError,
     TransientDeliveryError,
 )
 from digest.models import DeliveryStatus
@@ -75,6 +83,15 @@ class SMTPTransport:
             await smtp.connect()
             if cfg.username:
                 await smtp.login(cfg.username, self.password or "")
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            if is_throttle(exc.code, exc.message):  # "421 too many connections": slow down
+                text = f"{exc.code} {exc.message}"
+                raise ThrottledError(f"connect: {text}", exc.code, text) from None
+            raise SMTPUnavailableError(
+                f"SMTP server {where} refused the connection: {exc.code} {exc.message}; "
+                "check smtp.host and smtp.port"
+            ) from None
         except aiosmtplib.SMTPAuthenticationError as exc:
             smtp.close()
             raise SMTPUnavailableError(
@@ -135,6 +152,8 @@ class SMTPTransport:
         counting it would mark the whole list bounced within three issues.
         """
         reply = " ".join(f"{code} {message}".split())
+        if is_throttle(code, message):
+            return ThrottledError(f"{stage}: {reply}", code, reply)
         if 400 <= code < 500:
             return TransientDeliveryError(f"{stage}: {reply}", code, reply)
         about = _refused_party(stage, code, message)
@@ -201,6 +220,21 @@ def _refused_party(stage: str, code: int, message: str) -> str:
     return "the message"
 
 
+# A 4.7.x enhanced status code at the start of a reply (RFC 3463: "security or policy").
+_POLICY_4XX = re.compile(r"\s*4\.7\.\d{1,3}\b")
+
+
+def is_throttle(code: int, message: str) -> bool:
+    """True for replies that ask us to slow down rather than refuse a message.
+
+    421 (the server closes the channel: Gmail 4.7.28, Yahoo TSS04, Microsoft RP-00x),
+    any 4xx with a 4.7.x code (Microsoft 451 4.7.650), and SES's "454 Throttling failure".
+    """
+    if not 400 <= code < 500:
+        return False
+    return code == 421 or bool(_POLICY_4XX.match(message)) or "throttl" in message.lower()
+
+
 TransportFactory = Callable[[], Transport]
 
 
@@ -250,7 +284,8 @@ class Outgoing:
     message: bytes
     message_id: str
     attempts: int = 0  # attempts before this run (from the ledger)
-    tries: int = 0  # attempts in this run
+    tries: int = 0  # attempts in this run that count against the retry budget
+    throttles: int = 0  # attempts in this run the relay answered with "slow down"
 
 
 @dataclass(frozen=True)
@@ -268,9 +303,38 @@ class Outcome:
 
 
 class Ledger(Protocol):
-    """Where outcomes are recorded; ``record`` returns once the outcome is durable."""
+    """Where outcomes are recorded, and who may send what.
 
-    async def record(self, outcome: Outcome) -> None: ...
+    ``admit`` says whether an SMTP transaction for a delivery may start now (False: the
+    claim was taken over). ``record`` returns once the outcome is durable: True, or
+    False when the claim was taken over and the outcome was therefore not written.
+    """
+
+    async def admit(self, delivery_id: int) -> bool: ...
+
+    async def record(self, outcome: Outcome) -> bool: ...
+
+
+class Limiter(Protocol):
+    """The relay's shared rate limit (see ``ratelimit.py``)."""
+
+    async def acquire(self) -> None:
+        """Wait for a token; raise :class:`RatePaused` when an hour/day window is full."""
+        ...
+
+    async def throttled(self) -> None:
+        """The relay asked us to slow down."""
+        ...
+
+
+class NoLimit:
+    """No rate limit at all (tests, transports that are not a relay)."""
+
+    async def acquire(self) -> None:
+        """Never waits."""
+
+    async def throttled(self) -> None:
+        """Ignored."""
 
 
 @dataclass
@@ -283,6 +347,9 @@ class SendStats:
     deferred: int = 0
     skipped: int = 0
     retries: int = 0
+    throttled: int = 0  # throttling replies (retried without using the retry budget)
+    lost: int = 0  # claims another worker took over (not sent, or sent but not recorded)
+    paused: RatePaused | None = None  # an hour/day quota of the relay is full
     errors: list[str] = field(default_factory=list)
     # Deliveries claimable when the run started (set by the caller; progress bars' total).
     total: int = 0
@@ -300,6 +367,9 @@ class RetryPolicy:
     max_attempts: int = 4
     base_seconds: float = 2.0
     cap_seconds: float = 300.0
+    # Throttled tries of one message per run: not the retry budget, but a bound, so a
+    # relay that never stops throttling cannot keep a send going for ever.
+    max_throttles: int = 30
 
     def delay(self, tries: int) -> float:
         """Seconds to wait before try number ``tries + 1``."""
@@ -321,9 +391,11 @@ class SendEngine:
         concurrency: int,
         policy: RetryPolicy,
         progress: Callable[[SendStats], None] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._transports = transports
         self._ledger = ledger
+        self._limiter = limiter or NoLimit()
         self._sender = sender
         self._k = concurrency
         self._policy = policy
@@ -332,7 +404,7 @@ class SendEngine:
         self._queue: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=concurrency * 4)
         self._outstanding = 0
         self._idle = asyncio.Event()
-        self._fatal: SMTPUnavailableError | None = None
+        self._fatal: DigestError | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -340,8 +412,27 @@ class SendEngine:
         self.stats.interrupted = True
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once the run takes no new messages (stopped, paused or failed)."""
+        return self._stop.is_set()
+
+    @property
+    def outstanding(self) -> int:
+        """Messages taken from the source and not finished yet (what is left to send)."""
+        return self._outstanding
+
+    def _pause(self, paused: RatePaused) -> None:
+        # Not an interruption: the relay's quota is used up, the rest waits for the window.
+        self.stats.paused = self.stats.paused or paused
+        self._stop.set()
+
     async def run(self, source: AsyncGenerator[Outgoing, None]) -> SendStats:
-        """Send everything ``source`` yields; raise SMTPUnavailableError if SMTP is down."""
+        """Send everything ``source`` yields; raise SMTPUnavailableError if SMTP is down.
+
+        A :class:`DigestError` from the ledger (the database is gone) stops the run the
+        same way and is raised at the end.
+        """
         workers = [asyncio.create_task(self._worker(self._transports())) for _ in range(self._k)]
         try:
             # aclosing: when we stop early, the source's database session closes now.
@@ -396,19 +487,33 @@ class SendEngine:
             await transport.close()
 
     async def _attempt(self, transport: Transport, item: Outgoing) -> None:
+        try:
+            if not await self._ledger.admit(item.delivery_id):
+                self._lost(item)
+                return
+            await self._limiter.acquire()
+            # The wait for a token may have been long: ask again.
+            if not await self._ledger.admit(item.delivery_id):
+                self._lost(item)
+                return
+        except RatePaused as exc:
+            self._pause(exc)
+            self._done_one()  # not tried: it goes back to pending
+            return
+        except DigestError as exc:
+            self._fail(exc)
+            return
         item.tries += 1
-        attempts = item.attempts + item.tries
+        attempts = item.attempts + item.tries + item.throttles
         try:
             await transport.send(self._sender, item.recipient, item.message)
         except SMTPUnavailableError as exc:
             # Connect/login failed: nothing was sent. One worker saying so is enough.
-            self._fatal = self._fatal or exc
-            self._stop.set()
-            self._done_one()
+            self._fail(exc)
             return
         except PermanentDeliveryError as exc:
-            self.stats.failed += 1
-            await self._ledger.record(
+            await self._record(
+                item,
                 Outcome(
                     item.delivery_id,
                     item.subscriber_id,
@@ -417,50 +522,101 @@ class SendEngine:
                     item.message_id,
                     exc.reply or str(exc),
                     permanent=True,
-                )
+                ),
             )
-            self._done_one()
+            return
+        except ThrottledError as exc:
+            await self._throttled(item, attempts, exc)
             return
         except DeliveryError as exc:
             await self._defer(item, attempts, exc)
             return
-        self.stats.sent += 1
-        await self._ledger.record(
+        await self._record(
+            item,
             Outcome(
                 item.delivery_id, item.subscriber_id, DeliveryStatus.SENT, attempts, item.message_id
-            )
+            ),
         )
+
+    async def _record(self, item: Outgoing, outcome: Outcome) -> None:
+        """Record a final outcome and count it, unless our claim was taken over meanwhile."""
+        try:
+            written = await self._ledger.record(outcome)
+        except DigestError as exc:
+            self._fail(exc)
+            return
+        if not written:
+            self._lost(item)
+            return
+        if outcome.status == DeliveryStatus.SENT:
+            self.stats.sent += 1
+        elif outcome.status == DeliveryStatus.FAILED:
+            self.stats.failed += 1
+        elif outcome.status == DeliveryStatus.DEFERRED:
+            self.stats.deferred += 1
         self._done_one()
 
-    async def _defer(self, item: Outgoing, attempts: int, exc: DeliveryError) -> None:
-        ambiguous = isinstance(exc, AmbiguousDeliveryError)
-        retry_here = (
-            not ambiguous and item.tries < self._policy.max_attempts and not self._stop.is_set()
-        )
-        delay = self._policy.delay(item.tries) if retry_here else self._policy.cap_seconds
-        await self._ledger.record(
-            Outcome(
-                item.delivery_id,
-                item.subscriber_id,
-                DeliveryStatus.DEFERRED,
-                attempts,
-                item.message_id,
-                str(exc),
-                next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
-            )
-        )
-        if not retry_here:
-            self.stats.deferred += 1
-            self._done_one()
+    def _lost(self, item: Outgoing) -> None:
+        # Another worker owns the row now; its outcome stands, ours is dropped.
+        self.stats.lost += 1
+        self._done_one()
+
+    def _fail(self, exc: DigestError) -> None:
+        self._fatal = self._fatal or exc
+        self._stop.set()
+        self._done_one()
+
+    async def _throttled(self, item: Outgoing, attempts: int, exc: ThrottledError) -> None:
+        self.stats.throttled += 1
+        item.tries -= 1  # a throttled try does not use up the retry budget...
+        item.throttles += 1
+        try:
+            await self._limiter.throttled()  # ...but slows every worker down
+        except DigestError as err:
+            self._fail(err)
+            return
+        if item.throttles >= self._policy.max_throttles or self._stop.is_set():
+            await self._defer(item, attempts, exc, final=True)
             return
         self.stats.retries += 1
-        # Re-queue after the backoff without holding this worker (or its connection) idle.
+        delay = self._policy.delay(min(item.throttles, 4))
         asyncio.get_running_loop().call_later(delay, self._requeue, item)
+
+    async def _defer(
+        self, item: Outgoing, attempts: int, exc: DeliveryError, final: bool = False
+    ) -> None:
+        ambiguous = isinstance(exc, AmbiguousDeliveryError)
+        retry_here = (
+            not final
+            and not ambiguous
+            and item.tries < self._policy.max_attempts
+            and not self._stop.is_set()
+        )
+        if not retry_here:
+            # Given up for this run: the row goes back to the pool with a retry time.
+            delay = self._policy.cap_seconds
+            await self._record(
+                item,
+                Outcome(
+                    item.delivery_id,
+                    item.subscriber_id,
+                    DeliveryStatus.DEFERRED,
+                    attempts,
+                    item.message_id,
+                    str(exc),
+                    next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
+                ),
+            )
+            return
+        # Retried here, still under our claim (so no other worker takes it meanwhile);
+        # the attempt count is written with its final outcome.
+        self.stats.retries += 1
+        # Re-queue after the backoff without holding this worker (or its connection) idle.
+        asyncio.get_running_loop().call_later(self._policy.delay(item.tries), self._requeue, item)
 
     def _requeue(self, item: Outgoing) -> None:
         if self._stop.is_set() or self._fatal:
-            self.stats.deferred += 1
-            self._done_one()
+            self._done_one()  # not retried in this run: released to pending at the end
             return
         try:
             self._queue.put_nowait(item)

@@ -9,20 +9,22 @@ translated to :class:`~digest.errors.DatabaseError` at :func:`open_engine` and
 from __future__ import annotations
 
 import hashlib
-import zlib
+import logging
+import os
+import secrets
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import filelock
 from sqlalchemy import (
-    Connection,
+    ColumnElement,
     Engine,
+    Float,
     and_,
-    bindparam,
     case,
     create_engine,
     delete,
@@ -35,8 +37,10 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from digest.errors import DatabaseError, SendInProgress
 from digest.models import (
     Article,
+    Base,
     Delivery,
     DeliveryStatus,
     FeedState,
@@ -51,15 +56,18 @@ from digest.models import (
     IssueArticle,
     IssueStatus,
     MissedSend,
+    ScheduledFire,
     SignupMail,
     SignupMailKind,
     SignupMailStatus,
     Subscriber,
     SubscriberStatus,
     Throttle,
+    UTCDateTime,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("digest")
 
 # --- engine and schema ------------------------------------------------------------------
 
@@ -90,7 +98,15 @@ def open_engine(url: str) -> Engine:
                 cur.close()
 
             return engine
-        return create_engine(url, pool_pre_ping=True)
+        # application_name shows which process a backend serves (pg_stat_activity), so
+        # an operator, or a test, can tell digest's connections apart.
+        # (unless the URL names one itself).
+        named = "application_name" in url
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={} if named else {"application_name": f"digest:{os.getpid()}"},
+        )
     except ArgumentError as exc:
         raise DatabaseError(f"database.url: {url!r} is not a database URL ({exc})") from None
     except ModuleNotFoundError as exc:
@@ -161,47 +177,105 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# --- the database's clock, and who we are ------------------------------------------------
+#
+# Leases and rate windows are judged by the database's clock: hosts' clocks drift, and a
+# lease is only as good as the clock both its holder and its taker read.
+
+
+def db_now(dialect: str) -> ColumnElement[datetime]:
+    """The database's current time as a UTC timestamp (a :class:`UTCDateTime` value)."""
+    if dialect == "postgresql":
+        # clock_timestamp(), not now(): now() is frozen at the start of the transaction.
+        return type_coerce(func.timezone("UTC", func.clock_timestamp()), UTCDateTime)
+    return type_coerce(func.strftime("%Y-%m-%d %H:%M:%f000", "now"), UTCDateTime)
+
+
+def db_after(dialect: str, seconds: float) -> ColumnElement[datetime]:
+    """The database's current time plus ``seconds`` (a :class:`UTCDateTime` value)."""
+    if dialect == "postgresql":
+        later = func.timezone("UTC", func.clock_timestamp()) + func.make_interval(
+            0, 0, 0, 0, 0, 0, literal(float(seconds), Float)
+        )
+        return type_coerce(later, UTCDateTime)
+    # SQLite stores these as text in the same format, which sorts like the times.
+    return type_coerce(
+        func.strftime("%Y-%m-%d %H:%M:%f000", "now", f"{seconds:+.3f} seconds"), UTCDateTime
+    )
+
+
+def db_epoch(dialect: str) -> ColumnElement[float]:
+    """The database's current time in seconds since the epoch."""
+    if dialect == "postgresql":
+        return type_coerce(func.extract("epoch", func.clock_timestamp()), Float)
+    return type_coerce((func.julianday("now") - 2440587.5) * 86400.0, Float)
+
+
+def insert_ignore(dialect: str, model: type[Base], values: dict[str, Any]) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` on either dialect (a statement to execute)."""
+    if dialect == "postgresql":
+        return postgresql.insert(model).values(values).on_conflict_do_nothing()
+    return sqlite.insert(model).values(values).on_conflict_do_nothing()
+
+
+def new_worker_id() -> str:
+    """A process's identity in leases: ``host:pid:random``.
+
+    The random part keeps two processes apart even when hostnames repeat (containers)
+    and pids are reused: sharing an id is how two nodes each end up "the leader".
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 # --- locks --------------------------------------------------------------------------------
+
+
+def _lock_file(engine: Engine, name: str) -> filelock.FileLock | None:
+    db = engine.url.database
+    if not db or db == ":memory:":
+        return None
+    safe = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return filelock.FileLock(f"{db}.{safe}.lock")
 
 
 @contextmanager
 def exclusive_lock(engine: Engine, name: str) -> Iterator[None]:
-    """Hold a named lock across processes, or raise :class:`SendInProgress` at once.
+    """Hold a named lock beside a SQLite database, or raise :class:`SendInProgress` at once.
 
-    PostgreSQL: a session advisory lock, so senders on other hosts see it too.
-    SQLite: a lock file beside the database file (one machine is the point of SQLite).
-    The lock dies with the process either way, so a crash never leaves it stuck.
+    SQLite only (one machine is the point of SQLite): a lock file beside the database
+    file. It dies with the process, so a crash never leaves it stuck. PostgreSQL needs
+    none: its senders share work through leases and its runners elect a leader.
     """
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            # Advisory locks are database-wide: the schema in the key keeps two digests
-            # (or two test runs) sharing one database, each in its own schema, apart.
-            schema = conn.execute(text("SELECT current_schema()")).scalar()
-            key = zlib.crc32(f"{schema}:{name}".encode()) - 2**31
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-            # A session-level lock outlives the transaction that took it. Ending that
-            # transaction now matters: left open for the whole send, the connection sits
-            # "idle in transaction", and a server's idle_in_transaction_session_timeout
-            # would kill it, and the lock with it, mid-send.
-            conn.commit()
-            if not got:
-                raise SendInProgress(f"another digest process holds '{name}'; try again later")
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-        return
-    db = engine.url.database
-    if not db or db == ":memory:":
+    lock = None if engine.dialect.name == "postgresql" else _lock_file(engine, name)
+    if lock is None:
         yield
         return
-    safe = hashlib.sha1(name.encode()).hexdigest()[:12]
-    lock = filelock.FileLock(f"{db}.{safe}.lock", timeout=0)
     try:
-        lock.acquire()
+        lock.acquire(timeout=0)
     except filelock.Timeout:
         raise SendInProgress(f"another digest process holds '{name}'; try again later") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def sqlite_turn(engine: Engine, name: str) -> Iterator[None]:
+    """On SQLite, wait for the named lock (senders take turns); on PostgreSQL, nothing.
+
+    SQLite has one writer at a time anyway; taking turns keeps a second ``send`` of the
+    same date from racing the first, and it then finds nothing left to send.
+    """
+    lock = None if engine.dialect.name == "postgresql" else _lock_file(engine, name)
+    if lock is None:
+        yield
+        return
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.warning("waiting for another digest process holding '%s' to finish", name)
+        lock.acquire()
     try:
         yield
     finally:
@@ -394,6 +468,54 @@ def set_issue_status(session: Session, issue: Issue, status: IssueStatus, now: d
         issue.sent_at = now
 
 
+def advance_issue(session: Session, issue_id: int, counts: dict[str, int], now: datetime) -> None:
+    """Move an issue to ``sent`` when nothing is open, or to ``sending`` once one was sent.
+
+    Conditional UPDATEs, not an object write: another worker may have moved the issue on
+    meanwhile, and a stale ``ready`` must never overwrite its ``sent``.
+    """
+    if counts["pending"] + counts["deferred"] + counts["sending"] == 0:
+        session.execute(
+            update(Issue)
+            .where(Issue.id == issue_id)
+            .values(status=IssueStatus.SENT, sent_at=func.coalesce(Issue.sent_at, now))
+        )
+    elif counts["sent"]:
+        # "sending" from the first delivered message: from then on readers have these
+        # articles, so later issues must not repeat them even if some rows are deferred.
+        session.execute(
+            update(Issue)
+            .where(Issue.id == issue_id, Issue.status == IssueStatus.READY)
+            .values(status=IssueStatus.SENDING)
+        )
+
+
+def record_fire(
+    session: Session, job: str, slot: datetime, edition_date: date, now: datetime, by: str
+) -> bool:
+    """Record a scheduled firing; False when that (job, slot) had fired already."""
+    try:
+        with session.begin_nested():
+            session.add(
+                ScheduledFire(
+                    job=job, slot=slot, edition_date=edition_date, fired_at=now, fired_by=by
+                )
+            )
+            session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
+def fires(session: Session, job: str) -> list[ScheduledFire]:
+    """The recorded firings of a job, oldest first."""
+    return list(
+        session.scalars(
+            select(ScheduledFire).where(ScheduledFire.job == job).order_by(ScheduledFire.id)
+        )
+    )
+
+
 def recent_issues(session: Session, limit: int = 10) -> list[Issue]:
     """The newest issues first."""
     return list(session.scalars(select(Issue).order_by(Issue.edition_date.desc()).limit(limit)))
@@ -539,85 +661,18 @@ def create_deliveries(session: Session, issue_id: int) -> int:
 
 
 def release_orphans(session: Session, issue_id: int) -> int:
-    """Return ``sending`` rows left by a crashed sender to ``pending``.
+    """Return every ``sending`` row of the issue to ``pending`` (SQLite, at start).
 
-    Only called while holding the issue's exclusive lock, so no live sender owns them.
+    Only called while holding the SQLite turn for the date, so no live sender owns them.
     They keep their Message-ID: a re-send of a message that did arrive collapses into
     the first copy in the reader's mailbox.
     """
     result = session.execute(
         update(Delivery)
         .where(Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENDING)
-        .values(status=DeliveryStatus.PENDING, lease_until=None)
+        .values(status=DeliveryStatus.PENDING, lease_until=None, owner=None, lease_token=None)
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A delivery claimed for sending, with what the sender needs of its subscriber."""
-
-    delivery_id: int
-    subscriber_id: int
-    email: str
-    name: str
-    regions: list[str] | None
-    attempts: int
-    message_id: str | None
-
-
-def claim_deliveries(
-    session: Session,
-    issue_id: int,
-    after_id: int,
-    limit: int,
-    now: datetime,
-    lease: timedelta,
-) -> list[Claimed]:
-    """Claim the next ``limit`` sendable deliveries with id > ``after_id`` (keyset order).
-
-    Sendable: pending, or deferred whose retry time has come, of a still-active subscriber.
-    Claimed rows become ``sending`` with a lease. On PostgreSQL the rows are locked with
-    SKIP LOCKED so concurrent workers take disjoint batches.
-    """
-    due = or_(
-        Delivery.status == DeliveryStatus.PENDING,
-        and_(
-            Delivery.status == DeliveryStatus.DEFERRED,
-            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-        ),
-    )
-    stmt = (
-        select(
-            Delivery.id,
-            Subscriber.id,
-            Subscriber.email,
-            Subscriber.name,
-            Subscriber.regions,
-            Delivery.attempts,
-            Delivery.message_id,
-        )
-        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-        .where(
-            Delivery.issue_id == issue_id,
-            Delivery.id > after_id,
-            due,
-            Subscriber.status == SubscriberStatus.ACTIVE,
-        )
-        .order_by(Delivery.id)
-        .limit(limit)
-    )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
-    rows = [Claimed(*row) for row in session.execute(stmt)]
-    if rows:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_([r.delivery_id for r in rows]))
-            .values(status=DeliveryStatus.SENDING, lease_until=now + lease)
-        )
-    session.commit()
-    return rows
 
 
 def unsent_subscribers(
@@ -626,8 +681,8 @@ def unsent_subscribers(
     """The regions of every active subscriber a ``send`` of ``issue_id`` would mail now.
 
     That is: no delivery yet (``send`` creates it), pending, orphaned ``sending``
-    (released at start), or deferred with its retry time come; the same rule as
-    :func:`claim_deliveries`. ``issue_id`` None (not built yet): every active subscriber.
+    (released at start, or held by another worker), or deferred with its retry time
+    come; the rule of ``ledger.claim``. ``issue_id`` None (not built yet): every active subscriber.
     Keyset batches, so a dry run over a large list keeps memory flat.
     """
     open_row = or_(
@@ -696,30 +751,6 @@ def skip_unsubscribed(session: Session, issue_id: int) -> int:
         .values(status=DeliveryStatus.SKIPPED, last_error="subscriber is no longer active")
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-OUTCOME_FIELDS = ("status", "attempts", "last_error", "message_id", "sent_at", "next_attempt_at")
-
-# One Core UPDATE … WHERE id = ? run as executemany: the ORM's bulk-update path costs
-# several times more Python per row, and this runs for every message sent.
-_RECORD_OUTCOME = (
-    update(Delivery.__table__)  # type: ignore[arg-type]
-    .where(Delivery.__table__.c.id == bindparam("b_id"))
-    .values({f: bindparam(f"b_{f}") for f in OUTCOME_FIELDS} | {"lease_until": None})
-)
-
-
-def record_outcomes(conn: Connection, outcomes: Sequence[dict[str, Any]]) -> None:
-    """Write many delivery outcomes in one commit.
-
-    Each outcome is a dict with ``id`` and every name in :data:`OUTCOME_FIELDS`. Takes a
-    Core connection the caller keeps open for the whole send: a session would check a
-    connection out of the pool, and roll it back on return, on every commit, which cost
-    more than the UPDATE itself.
-    """
-    if outcomes:
-        conn.execute(_RECORD_OUTCOME, [{f"b_{k}": v for k, v in o.items()} for o in outcomes])
-    conn.commit()
 
 
 def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:

@@ -161,6 +161,15 @@ def status_document(report: StatusReport) -> dict[str, JSON]:
         "articles": report.articles,
         "issues": list(records(ISSUE_COLUMNS, report.issues)),
         "missed": [iso(d) for d in report.missed],
+        # The relay's hour/day quota is full: nothing more is sent until resumes_at.
+        "paused": None
+        if report.paused is None
+        else {
+            "window": report.paused.window,
+            "limit": report.paused.limit,
+            "pending": report.pending,
+            "resumes_at": iso(report.paused.resumes_at),
+        },
     }
 
 
@@ -174,6 +183,8 @@ def status_lines(report: StatusReport) -> list[str]:
         f"subscribers: {subs.get('active', 0)} active, {subs.get('unsubscribed', 0)} "
         f"unsubscribed, {subs.get('bounced', 0)} bounced; articles stored: {report.articles}"
     ]
+    if report.paused_line:
+        lines.append(report.paused_line)
     missed = [
         IssueStatusRow(
             d,

@@ -15,6 +15,8 @@ from digest.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
 NY = ZoneInfo("America/New_York")
+# The example config sends to an outbox; these swap it for an [smtp] section.
+OUTBOX = '[outbox]\npath = "outbox"'
 
 
 def test_example_config_loads_and_resolves_paths() -> None:
@@ -64,6 +66,15 @@ def edit(tmp_path: Path, old: str, new: str) -> Path:
             "key 'unsubscribe.base_url'",
         ),
         ("[publication]", "[publication]\nname2 = 1", "unknown key 'publication.name2'"),
+        # Relay limits and the send lease: whole numbers in range, else the key is named.
+        (OUTBOX, "[smtp]\nmax_per_hour = -1", "key 'smtp.max_per_hour': must be a whole"),
+        (OUTBOX, "[smtp]\nmax_per_hour = 1.5", "key 'smtp.max_per_hour': must be a whole"),
+        (OUTBOX, '[smtp]\nmax_per_second = "14"', "key 'smtp.max_per_second'"),
+        (OUTBOX, "[smtp]\nmax_per_day = 100.0", "key 'smtp.max_per_day'"),
+        (OUTBOX, "[smtp]\nmax_per_day = true", "key 'smtp.max_per_day'"),
+        ("# [send]", "[send]\nlease_seconds = 4", "key 'send.lease_seconds': must be"),
+        ("# [send]", "[send]\nlease_seconds = 7.5", "key 'send.lease_seconds'"),
+        ("# [send]", "[send]\nlease_second = 60", "unknown key 'send.lease_second'"),
         (
             'base_url = "http://127.0.0.1:8080"',
             'base_url = "https://n.example/' + "u" * 500 + '"',
@@ -133,6 +144,23 @@ def test_a_typo_names_itself_and_the_nearest_key(
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert result.stderr.startswith(f"digest: error: {path}: {expected}")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_relay_limits_and_lease_default_and_load(tmp_path: Path) -> None:
+    config = load_config(ROOT / "config.example.toml")
+    assert config.send.lease_seconds == 60
+    assert (config.smtp.max_per_second, config.smtp.max_per_hour, config.smtp.max_per_day) == (
+        0,
+        0,
+        0,
+    )
+    path = edit(tmp_path, OUTBOX, "[smtp]\nmax_per_hour = 100")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("# [send]", "[send]\nlease_seconds = 5"),
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    assert config.smtp.max_per_hour == 100 and config.send.lease_seconds == 5
 
 
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:

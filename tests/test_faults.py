@@ -211,7 +211,9 @@ def test_wrong_credentials_stop_the_run_and_lose_nothing(
         controller.stop()
 
 
-def test_two_sends_at_once_never_double(tmp_path: Path, feed_file: Path) -> None:
+def test_two_sends_at_once_on_sqlite_take_turns_and_never_double(
+    tmp_path: Path, feed_file: Path
+) -> None:
     handler = SlowRecorder(delay=0.03)  # ~3 s of sending: the second starts well inside it
     controller = start(handler)
     try:
@@ -219,12 +221,17 @@ def test_two_sends_at_once_never_double(tmp_path: Path, feed_file: Path) -> None
         first = send_process(path)
         wait_for(lambda: len(handler.messages) >= 10)
         second = send_process(path)
-        _, err = second.communicate(timeout=60)
+        # The second waits for the first to finish (SQLite: one sender at a time)...
+        assert second.stderr is not None
+        assert "waiting for another digest process holding 'send:2026-11-27'" in (
+            second.stderr.readline()
+        )
         assert first.poll() is None, "the first send ended before the second started"
-        assert second.returncode == 1
-        assert "another digest process holds 'send:2026-11-27'" in err
-        first.communicate(timeout=120)
-        assert first.returncode == 0
+        first_out, _ = first.communicate(timeout=120)
+        out, err = second.communicate(timeout=60)
+        # ...and then finds nothing left to send.
+        assert first.returncode == 0 and "this run: 300 sent" in first_out
+        assert second.returncode == 0 and "this run: 0 sent" in out, err
         counts = copies(handler)
         assert set(counts) == set(emails) and set(counts.values()) == {1}
     finally:

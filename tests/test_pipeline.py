@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+import digest.ledger
 from digest import pipeline, store
 from digest.cli import main
 from digest.errors import SenderRejectedError
@@ -47,7 +48,7 @@ def test_readers_who_unsubscribe_mid_send_are_skipped_and_the_issue_is_sent(
     controller, _ = smtp_server
     # Small claim batches, so the last readers are still unclaimed when the first message
     # arrives (at most queue + workers + one chunk ahead, ~21 rows, are claimed by then).
-    monkeypatch.setattr(pipeline, "CLAIM_BATCH", 2)
+    monkeypatch.setattr(digest.ledger, "CLAIM_BATCH", 2)
     emails = add_subscribers(app, 30)
     leaving = emails[-5:]
 

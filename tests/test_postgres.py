@@ -1,4 +1,4 @@
-"""The same store on PostgreSQL: migrations, the round-up end to end, locks and claims.
+"""The same store on PostgreSQL: migrations, the round-up end to end, and claims.
 
 Uses the server on 127.0.0.1:5432 (database ``test``, trust auth) in a schema of its own,
 dropped afterwards. Skips with the reason when the server is not reachable, unless
@@ -11,7 +11,6 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,9 +18,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from digest import pipeline, store
+from digest import ledger, pipeline, store
 from digest.config import load_config
-from digest.errors import SendInProgress
 from digest.render import Renderer
 from tests.conftest import Recorder, write_config
 from tests.test_send import D, add_subscribers
@@ -99,26 +97,15 @@ def test_round_up_on_postgres(pg_app: pipeline.App, smtp_server: tuple[object, R
     assert status.issues[0].status == "sent" and status.subscribers["active"] == 25
 
 
-def test_advisory_lock_keeps_a_second_sender_out(pg_app: pipeline.App) -> None:
-    add_subscribers(pg_app, 2)
-    other = store.open_engine(str(pg_app.engine.url.render_as_string(hide_password=False)))
-    try:
-        with store.exclusive_lock(other, f"send:{D.isoformat()}"), pytest.raises(SendInProgress):
-            pipeline.send(pg_app, D)
-    finally:
-        other.dispose()
-
-
 def test_claims_are_disjoint_across_sessions(pg_app: pipeline.App) -> None:
     add_subscribers(pg_app, 30)
     renderer_issue = pipeline.build_issue(pg_app, Renderer(pg_app.config), D)[0]
     with pg_app.sessions() as s:
         store.create_deliveries(s, renderer_issue.id)
         s.commit()
-    now = datetime.now(UTC)
-    with pg_app.sessions() as a, pg_app.sessions() as b:
-        first = store.claim_deliveries(a, renderer_issue.id, 0, 20, now, timedelta(minutes=5))
-        second = store.claim_deliveries(b, renderer_issue.id, 0, 20, now, timedelta(minutes=5))
+    with pg_app.engine.connect() as a, pg_app.engine.connect() as b:
+        first = ledger.claim(a, renderer_issue.id, 0, 20, "a:1:x", "t1", 60)
+        second = ledger.claim(b, renderer_issue.id, 0, 20, "b:2:y", "t2", 60)
     ids_a = {c.delivery_id for c in first}
     ids_b = {c.delivery_id for c in second}
     assert len(ids_a) == 20 and len(ids_b) == 10 and not ids_a & ids_b

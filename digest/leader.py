@@ -1,0 +1,169 @@
+"""Which ``digest run`` process schedules: a lease row on PostgreSQL, a file lock on SQLite.
+
+Several ``digest run`` processes may share one PostgreSQL database; exactly one of them,
+the leader, runs APScheduler (whose job store must never be shared by two schedulers).
+The leader holds a row in ``leader_lease`` with a unique ``host:pid:random`` id and
+renews it every third of its lifetime; the others are standbys and try to take the row
+over once it has expired, by the database's clock. No session state is kept (no
+advisory lock, no LISTEN), so it works behind PgBouncer in transaction mode.
+
+Lessons taken from other schedulers' bugs:
+
+* renewal is scoped to ``(leader_id, elected_at)``, so a process can only ever renew its
+  own term (Oban #1488: a node renewed another node's row and cron ran twice for weeks);
+* ids are unique per process, not per host (oban-py #32: processes sharing a hostname all
+  became leader);
+* a leader that cannot renew steps down before its lease can expire, rather than
+  carrying on while another one is elected.
+
+Leadership is an optimisation, not the guarantee: a scheduled firing happens once because
+its ``(job, slot)`` row is unique and written with the issue (see ``pipeline.send``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine, delete, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from digest import store
+from digest.models import LeaderLease
+
+SCHEDULER = "scheduler"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One leader's term: renewals must name both, so no one renews someone else's."""
+
+    leader_id: str
+    elected_at: datetime
+
+
+def _timeout(conn: Connection, seconds: float) -> None:
+    # A hung statement must not keep a leader that cannot renew from stepping down.
+    # SET LOCAL ends with the transaction: nothing is left on a pooled connection.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
+
+
+def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:
+    """Become the leader if the role is free or its lease ran out; the term, or None."""
+    dialect = conn.dialect.name
+    with conn.begin():
+        _timeout(conn, ttl / 3)
+        now, later = store.db_now(dialect), store.db_after(dialect, ttl)
+        conn.execute(
+            store.insert_ignore(
+                dialect,
+                LeaderLease,
+                {"name": name, "leader_id": me, "elected_at": now, "expires_at": later},
+            )
+        )
+        conn.execute(
+            update(LeaderLease)
+            .where(LeaderLease.name == name, LeaderLease.expires_at < now)
+            .values(leader_id=me, elected_at=now, expires_at=later)
+        )
+        row = conn.execute(
+            select(LeaderLease.leader_id, LeaderLease.elected_at).where(LeaderLease.name == name)
+        ).one()
+    return Term(me, row.elected_at) if row.leader_id == me else None
+
+
+def renew(conn: Connection, name: str, term: Term, ttl: float) -> bool:
+    """Extend our own, still valid, term; False means we are no longer the leader."""
+    dialect = conn.dialect.name
+    with conn.begin():
+        _timeout(conn, ttl / 3)
+        done = conn.execute(
+            update(LeaderLease)
+            .where(
+                LeaderLease.name == name,
+                LeaderLease.leader_id == term.leader_id,
+                LeaderLease.elected_at == term.elected_at,
+                LeaderLease.expires_at > store.db_now(dialect),
+            )
+            .values(expires_at=store.db_after(dialect, ttl))
+        )
+    return done.rowcount == 1
+
+
+def resign(conn: Connection, name: str, term: Term) -> None:
+    """Give the role up at once (a clean exit), so a standby need not wait for expiry."""
+    with conn.begin():
+        conn.execute(
+            delete(LeaderLease).where(
+                LeaderLease.name == name,
+                LeaderLease.leader_id == term.leader_id,
+                LeaderLease.elected_at == term.elected_at,
+            )
+        )
+
+
+def current_leader(conn: Connection, name: str) -> str | None:
+    """The id of the process whose lease on ``name`` is valid now, if any."""
+    with conn.begin():
+        return conn.execute(
+            select(LeaderLease.leader_id).where(
+                LeaderLease.name == name,
+                LeaderLease.expires_at > store.db_now(conn.dialect.name),
+            )
+        ).scalar_one_or_none()
+
+
+class Elector:
+    """One process's side of the election, driven by :meth:`tick` every ``ttl / 3``.
+
+    ``tick`` returns whether this process is the leader *now*. A leader stays one only
+    while its renewals succeed, and trusts its term only until two thirds of the lease
+    after the start of its last good renewal: it steps down (``tick`` returns False)
+    before the lease can expire, so two leaders never overlap by the database's account.
+    """
+
+    def __init__(self, engine: Engine, ttl: float, name: str = SCHEDULER) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.name = name
+        self.id = store.new_worker_id()
+        self.term: Term | None = None
+        self._trusted_until = 0.0
+        self.error: str | None = None  # why the last tick failed, if it did
+
+    @property
+    def interval(self) -> float:
+        """Seconds between ticks."""
+        return self.ttl / 3
+
+    def tick(self) -> bool:
+        """Elect or renew once; True when this process is the leader afterwards."""
+        started = time.monotonic()
+        self.error = None
+        try:
+            with self.engine.connect() as conn:
+                if self.term is None:
+                    self.term = elect(conn, self.name, self.id, self.ttl)
+                elif not renew(conn, self.name, self.term, self.ttl):
+                    self.term = None
+        except SQLAlchemyError as exc:
+            self.error = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if self.term is not None and time.monotonic() > self._trusted_until:
+                self.term = None
+            return self.term is not None and time.monotonic() <= self._trusted_until
+        if self.term is not None:
+            self._trusted_until = started + self.ttl * 2 / 3
+        return self.term is not None
+
+    def resign(self) -> None:
+        """Step down cleanly (best effort: the lease expires anyway)."""
+        term, self.term = self.term, None
+        if term is None:
+            return
+        try:
+            with self.engine.connect() as conn:
+                resign(conn, self.name, term)
+        except SQLAlchemyError:
+            pass
