@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 
-from digest import editorial, pipeline
+from digest import editorial, pipeline, store
 from digest.config import Config, load_config
 from digest.crontab import CrontabTrigger
 from digest.errors import AwaitingApproval, DigestError, NothingToSend
@@ -59,29 +59,77 @@ def edition_date_for(trigger: CrontabTrigger, now: datetime) -> date:
     return latest_firing(trigger, now).astimezone(trigger.timezone).date()
 
 
-def scheduled_send(config_path: str, now: datetime | None = None) -> None:
-    """Send the round-up of the latest scheduled date (idempotent).
+SEND_JOB = "digest-weekly-send"
 
-    An issue that awaits approval is left for :func:`scheduled_approval_wait`.
+
+def scheduled_send(
+    config_path: str, now: datetime | None = None, slot: str | None = None
+) -> datetime | None:
+    """Send the round-up of the latest scheduled date (``slot``: that firing), once.
+
+    The firing's (job, slot) row is written with the issue, so when several runners (or
+    a leader and its successor) fire the same slot only the first one sends. An issue
+    that awaits approval is left for :func:`scheduled_approval_wait`. Returns when to
+    resume if the relay's hour/day quota paused the send.
     """
     config = load_config(config_path)
     now = now or datetime.now(UTC)
-    edition = edition_date_for(config.schedule.cron_trigger(), now)
+    trigger = config.schedule.cron_trigger()
+    fired = datetime.fromisoformat(slot) if slot else latest_firing(trigger, now)
+    edition = edition_date_for(trigger, fired)
+    fire = pipeline.Fire(SEND_JOB, fired, store.new_worker_id())
     try:
         with _opened(config) as app:
-            report = pipeline.send(app, edition, stop=SHUTDOWN)
+            report = pipeline.send(app, edition, stop=SHUTDOWN, fire=fire)
     except AwaitingApproval as exc:
         grace = timedelta(hours=config.schedule.misfire_grace_hours)
-        deadline = latest_firing(config.schedule.cron_trigger(), now) + grace
-        log.warning("send %s: %s (sent when approved until %s)", edition, exc, deadline)
-        return
+        log.warning("send %s: %s (sent when approved until %s)", edition, exc, fired + grace)
+        return None
     except NothingToSend as exc:
         log.warning("send %s: %s", edition, exc)
-        return
+        return None
     except DigestError as exc:
         log.error("send %s: %s", edition, exc)
         raise
+    if report.already_fired:
+        log.info("send %s: this firing (%s) was made already by another runner", edition, fired)
+        return None
+    return _log_send(edition, report)
+
+
+def catch_up_send(config_path: str, slot: str) -> datetime | None:
+    """Fire a slot the previous leader may have lost (it died while firing it).
+
+    Only when nothing at all happened for that edition: no firing row (checked by
+    :func:`scheduled_send`) and no issue (a manual send, or a half-finished one that
+    the resume job finishes instead).
+    """
+    config = load_config(config_path)
+    edition = edition_date_for(config.schedule.cron_trigger(), datetime.fromisoformat(slot))
+    with _opened(config) as app, app.sessions() as session:
+        if store.issue_for_date(session, edition) is not None:
+            return None
+    log.info("catching up the send of %s (fell due at %s while no leader ran)", edition, slot)
+    return scheduled_send(config_path, slot=slot)
+
+
+def join_send(config_path: str, edition: date) -> None:
+    """Work on a send that another process started (every ``digest run`` is a sender)."""
+    config = load_config(config_path)
+    log.info("joining the send of %s as a worker", edition)
+    try:
+        with _opened(config) as app:
+            report = pipeline.send(app, edition, stop=SHUTDOWN)
+    except DigestError as exc:
+        log.warning("send %s (joined): %s", edition, exc)
+        return
+    _log_send(edition, report)
+
+
+def _log_send(edition: date, report: pipeline.SendReport) -> datetime | None:
     s = report.stats
+    if s.paused is not None:
+        log.warning("send %s paused: %s", edition, s.paused)
     log.info(
         "send %s: %d sent, %d failed, %d deferred, %d skipped",
         edition,
@@ -90,6 +138,7 @@ def scheduled_send(config_path: str, now: datetime | None = None) -> None:
         s.deferred,
         s.skipped,
     )
+    return s.paused.resumes_at if s.paused is not None else None
 
 
 def scheduled_fetch(config_path: str) -> None:
@@ -103,35 +152,35 @@ def scheduled_fetch(config_path: str) -> None:
     log.info("fetch: %d new, %d updated, %d rejected", report.new, report.updated, report.rejected)
 
 
-def scheduled_resume(config_path: str, now: datetime | None = None) -> None:
+def scheduled_resume(config_path: str, now: datetime | None = None) -> datetime | None:
     """Finish the latest scheduled edition if it is still open.
 
     Covers a ``digest run`` killed mid-send (its cron firing is spent) and deliveries
     deferred after their last in-run attempt. Only the latest scheduled edition is
     resumed: an old round-up is not worth sending late without an editor deciding so.
     """
-    _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=False)
+    return _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=False)
 
 
-def scheduled_approval_wait(config_path: str, now: datetime | None = None) -> None:
+def scheduled_approval_wait(config_path: str, now: datetime | None = None) -> datetime | None:
     """Send the latest scheduled edition as soon as it is approved, within the grace.
 
     Runs every minute while ``[editorial] approval = "required"``. Past
     ``misfire_grace_hours`` after the send time an issue still unapproved is recorded
     as missed, and neither this job nor the resume job sends it afterwards.
     """
-    _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=True)
+    return _resume(load_config(config_path), now or datetime.now(UTC), only_unstarted=True)
 
 
-def _resume(config: Config, now: datetime, only_unstarted: bool) -> None:
+def _resume(config: Config, now: datetime, only_unstarted: bool) -> datetime | None:
     trigger = config.schedule.cron_trigger()
     fired = latest_firing(trigger, now)
     edition = fired.astimezone(trigger.timezone).date()
     with _opened(config) as app:
         if not pipeline.has_open_issue(app, edition) or editorial.is_missed(app, edition):
-            return
+            return None
         if only_unstarted and not editorial.unstarted(app, edition):
-            return  # the resume job finishes a send that has started
+            return None  # the resume job finishes a send that has started
         if editorial.waiting_for_approval(app, edition):
             if now > fired + timedelta(hours=config.schedule.misfire_grace_hours):
                 pipeline.record_missed(app, edition, fired)
@@ -142,12 +191,14 @@ def _resume(config: Config, now: datetime, only_unstarted: bool) -> None:
                     fired,
                     edition,
                 )
-            return
+            return None
         log.info("sending %s", edition)
         try:
-            pipeline.send(app, edition, stop=SHUTDOWN)
+            report = pipeline.send(app, edition, stop=SHUTDOWN)
         except DigestError as exc:
             log.warning("resume %s: %s", edition, exc)
+            return None
+        return _log_send(edition, report)
 
 
 def scheduled_draft(config_path: str, now: datetime | None = None) -> None:

@@ -496,3 +496,170 @@ def test_unreachable_relay_rows_stay_pending_for_the_next_worker(
     assert counts == {"pending": 20}
     assert sql(app.engine, "SELECT count(*) FROM deliveries WHERE owner IS NOT NULL") == [(0,)]
     app.engine.dispose()
+
+
+# --- several `digest run` -------------------------------------------------------------------
+
+
+def read_until(
+    proc: subprocess.Popen[str], needle: str, lines: list[str], timeout: float = 60
+) -> None:
+    """Read ``proc``'s stderr into ``lines`` until a line contains ``needle``."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return
+    pytest.fail(f"no line with {needle!r} from digest run: {''.join(lines)[-2000:]}")
+
+
+def drain(proc: subprocess.Popen[str], lines: list[str]) -> threading.Thread:
+    """Keep reading ``proc``'s stderr (so it never blocks on a full pipe)."""
+    assert proc.stderr is not None
+    stream = proc.stderr
+
+    def run() -> None:
+        for line in stream:
+            lines.append(line)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def stop_run(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("digest run did not stop on SIGTERM")
+
+
+def test_sigkill_the_leader_before_a_scheduled_send_and_the_standby_sends_it_once(
+    tmp_path: Path, feed_file: Path, pg: str, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_schedule import _prepare, _stored_send_due_at
+
+    controller, handler = smtp_server
+    path = pg_config(tmp_path, pg, controller.port)
+    app = _prepare(path, feed_file, readers=5)
+    a_log: list[str] = []
+    b_log: list[str] = []
+    a = digest_process(path, "run")
+    b: subprocess.Popen[str] | None = None
+    try:
+        read_until(a, "is the leader", a_log)
+        drain(a, a_log)
+        b = digest_process(path, "run")
+        read_until(b, "is a standby", b_log)
+        drain(b, b_log)
+        # The weekly send falls due in a few seconds; the leader dies just before it.
+        # (A's scheduler does not re-read its store before then; B's reads it once elected.)
+        _stored_send_due_at(path, datetime.now(UTC) + timedelta(seconds=3))
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        assert handler.messages == [], "the leader sent before it was killed"
+        poll(lambda: len(handler.messages) >= 5, timeout=90, what="the standby to send")
+        poll(lambda: any("is the leader" in line for line in b_log), what="B's leader line")
+        # Once: give a duplicate firing (the misfire path, the catch-up) time to show.
+        poll(
+            lambda: sql(app.engine, "SELECT status FROM issues") == [("sent",)],
+            what="the issue to be sent",
+        )
+        stop_run(b)
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.kill()
+    counts = copies(handler)
+    assert sorted(counts) == [f"r{i}@example.org" for i in range(5)]
+    assert set(counts.values()) == {1}
+    fires = sql(app.engine, "SELECT job, fired_by FROM scheduled_fires")
+    assert len(fires) == 1 and fires[0][0] == "digest-weekly-send"
+    assert f":{b.pid}:" in fires[0][1]  # fired by the standby that took over
+    app.engine.dispose()
+
+
+def test_every_runner_joins_a_send_under_way(
+    tmp_path: Path, feed_file: Path, pg: str, slow_server: tuple[Controller, SlowRecorder]
+) -> None:
+    controller, handler = slow_server
+    path = pg_config(tmp_path, pg, controller.port)
+    app, emails = prepared(path, 1200)
+    logs: list[list[str]] = [[], []]
+    runners = [digest_process(path, "run") for _ in range(2)]
+    try:
+        for r, log in zip(runners, logs, strict=True):
+            drain(r, log)
+        sender = send_process(path)  # an operator starts a send by hand
+        _, err = sender.communicate(timeout=180)
+        assert sender.returncode == 0, err
+        poll(
+            lambda: sql(app.engine, "SELECT status FROM issues") == [("sent",)],
+            what="the issue to be sent",
+        )
+        # One leader, one standby (looked at before stopping them: a leader that stops
+        # hands over, and the other would become leader).
+        said = ["".join(log) for log in logs]
+        assert sorted(("is the leader" in s, "is a standby" in s) for s in said) == [
+            (False, True),
+            (True, False),
+        ], said
+        for r in runners:
+            stop_run(r)
+    finally:
+        for r in runners:
+            if r.poll() is None:
+                r.kill()
+    counts = copies(handler)
+    assert set(counts) == set(emails) and set(counts.values()) == {1}
+    sent_by = owners_by_pid(app.engine, "sent")
+    # The two daemons joined the hand-started send: three senders.
+    assert {sender.pid, *(r.pid for r in runners)} <= set(sent_by), (sent_by, logs)
+    assert all(any("joining the send of 2026-11-27" in line for line in log) for log in logs)
+    app.engine.dispose()
+
+
+def test_a_scheduled_slot_fires_once_however_many_runners_fire_it(
+    tmp_path: Path, feed_file: Path, pg: str, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    from datetime import UTC, datetime
+
+    from digest import jobs
+    from tests.test_schedule import _prepare
+
+    controller, handler = smtp_server
+    path = pg_config(tmp_path, pg, controller.port)
+    app = _prepare(path, feed_file, readers=3)
+    slot = jobs.latest_firing(app.config.schedule.cron_trigger(), datetime.now(UTC))
+    results: list[Any] = []
+    # Three runners fire the same slot at once (a leader and a stale one, a misfire and a
+    # catch-up): the unique (job, slot) row written with the issue lets one through.
+    firing = [
+        threading.Thread(target=lambda: results.append(jobs.scheduled_send(str(path))))
+        for _ in range(3)
+    ]
+    for t in firing:
+        t.start()
+    for t in firing:
+        t.join(60)
+    assert len(results) == 3
+    assert sorted(copies(handler).elements()) == [f"r{i}@example.org" for i in range(3)]
+    assert sql(app.engine, "SELECT job, slot FROM scheduled_fires") == [
+        ("digest-weekly-send", slot.astimezone(UTC).replace(tzinfo=None))
+    ]
+    # Firing it again later (a restarted leader's catch-up) sends nothing, not even to a
+    # reader who joined since: that firing happened.
+    add_subscribers(app, 1)  # reader0@example.org, new to this list
+    jobs.catch_up_send(str(path), slot.isoformat())
+    jobs.scheduled_send(str(path), slot=slot.isoformat())
+    assert len(handler.messages) == 3
+    app.engine.dispose()
