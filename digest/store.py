@@ -102,11 +102,13 @@ def open_engine(url: str) -> Engine:
         # an operator, or a test, can tell digest's connections apart.
         # (unless the URL names one itself).
         named = "application_name" in url
-        return create_engine(
-            url,
-            pool_pre_ping=True,
-            connect_args={} if named else {"application_name": f"digest:{os.getpid()}"},
-        )
+        # No server-side prepared statements (psycopg prepares a query after 5 runs):
+        # behind PgBouncer in transaction mode the next transaction may get another
+        # server connection, which does not have them.
+        args: dict[str, Any] = {"prepare_threshold": None}
+        if not named:
+            args["application_name"] = f"digest:{os.getpid()}"
+        return create_engine(url, pool_pre_ping=True, connect_args=args)
     except ArgumentError as exc:
         raise DatabaseError(f"database.url: {url!r} is not a database URL ({exc})") from None
     except ModuleNotFoundError as exc:

@@ -627,8 +627,7 @@ def test_every_runner_joins_a_send_under_way(
     # (The leader may get there first through its start-up resume job, when D is also
     # the latest scheduled edition by today's clock.)
     assert all(
-        any(f"joining the send of {D}" in s or f"sending {D}" in s for s in log)
-        for log in logs
+        any(f"joining the send of {D}" in s or f"sending {D}" in s for s in log) for log in logs
     )
     app.engine.dispose()
 
