@@ -15,6 +15,11 @@ measures, over the same number of connections:
 
 and prints digest/floor and digest/limit. It also times a CSV import of N subscribers and a
 `fetch` of 50 feeds served from loopback. Nothing here is part of the test suite.
+
+With ``--postgres URL`` it also runs 1 and then 2 `digest send` processes on one issue in
+a PostgreSQL schema of its own (dropped afterwards), each against a floor run made just
+before it: total msg/s, duplicates (messages the sink received beyond N: must be 0) and
+peak RSS per process. ``--runs K`` repeats the single-process DKIM-off comparisons.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +39,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +93,14 @@ def feed_xml(n_items: int, offset: int = 0) -> str:
     )
 
 
-def write_config(folder: Path, port: int, concurrency: int, feeds: list[str], dkim: bool) -> Path:
+def write_config(
+    folder: Path,
+    port: int,
+    concurrency: int,
+    feeds: list[str],
+    dkim: bool,
+    db_url: str = "sqlite:///digest.db",
+) -> Path:
     dkim_section = ""
     if dkim:
         dkim_section = (
@@ -104,7 +118,7 @@ def write_config(folder: Path, port: int, concurrency: int, feeds: list[str], dk
         sender = "The Bench Desk <roundup@news.example.org>"
         regions = {REGIONS!r}
         [database]
-        url = "sqlite:///digest.db"
+        url = "{db_url}"
         [smtp]
         host = "127.0.0.1"
         port = {port}
@@ -146,7 +160,7 @@ def run_isolated(cmd: list[str]) -> tuple[float, float, str]:
 
 
 class Sink:
-    """Postfix's smtp-sink on a loopback port."""
+    """Postfix's smtp-sink on a loopback port, counting the messages it accepts."""
 
     def __init__(self) -> None:
         exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -155,12 +169,15 @@ class Sink:
                 "smtp-sink not found: install Postfix's tools (Debian: apt-get install postfix)"
             )
         self.port = free_port()
-        # -c: count; 1000: listen backlog. Runs until killed.
+        # -c: a running counter ("… mesg=N") on stdout; 1000: listen backlog.
+        fd, name = tempfile.mkstemp(prefix="digest-bench-sink-")
+        self.counter = Path(name)
         self.proc = subprocess.Popen(
-            [exe, "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.DEVNULL,
+            [exe, "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
+            stdout=fd,
             stderr=subprocess.PIPE,
         )
+        os.close(fd)
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
@@ -169,9 +186,16 @@ class Sink:
                 time.sleep(0.05)
         sys.exit("smtp-sink did not start")
 
+    def count(self) -> int:
+        """Messages accepted so far."""
+        tail = self.counter.read_bytes()[-200:].decode("ascii", "replace")
+        found = re.findall(r"mesg=(\d+)", tail)
+        return int(found[-1]) if found else 0
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(5)
+        self.counter.unlink()
 
 
 async def floor_loop(port: int, messages: list[bytes], n: int, k: int) -> float:
@@ -351,6 +375,79 @@ def bench_fetch(n_feeds: int) -> float:
     return wall
 
 
+def pg_schema(base_url: str) -> tuple[str, Any]:
+    """A fresh schema on ``base_url``'s database: its URL and a function dropping it."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    schema = f"digest_bench_{secrets.token_hex(4)}"
+    admin = create_engine(base_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    sep = "&" if "?" in base_url else "?"
+    return f"{base_url}{sep}options=-csearch_path%3D{schema}", drop
+
+
+def bench_digest_pg(n: int, k: int, sink: Sink, base_url: str, procs: int) -> dict[str, Any]:
+    """``procs`` `digest send` processes at once on one issue in PostgreSQL."""
+    import json
+
+    folder = Path(tempfile.mkdtemp(prefix="digest-bench-"))
+    (folder / "feed.xml").write_text(feed_xml(ARTICLES), encoding="utf-8")
+    url, drop = pg_schema(base_url)
+    try:
+        config = write_config(folder, sink.port, k, ["feed.xml"], dkim=False, db_url=url)
+        prepare_db(folder, config, n)
+        # Build the issue and its ledger first, so the processes start on equal terms.
+        run_isolated(digest_cmd(config, "send", "--date", EDITION, "--dry-run"))
+        before = sink.count()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        wrapper = (
+            "import resource,subprocess,sys,time,json;"
+            "t=time.perf_counter();p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+            "w=time.perf_counter()-t;"
+            "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+            "print(json.dumps({'rc':p.returncode,'wall':w,'out':p.stdout,'err':p.stderr,"
+            "'rss':u.ru_maxrss/1024,'cpu':u.ru_utime+u.ru_stime}))"
+        )
+        cmd = digest_cmd(config, "send", "--date", EDITION)
+        t0 = time.perf_counter()
+        running = [
+            subprocess.Popen(
+                [sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(procs)
+        ]
+        results = [json.loads(p.communicate()[0]) for p in running]
+        wall = time.perf_counter() - t0
+        received = sink.count() - before
+    finally:
+        drop()
+        shutil.rmtree(folder)
+    sent = []
+    for r in results:
+        if r["rc"] != 0:
+            sys.exit(f"digest send failed ({r['rc']}):\n{r['err']}")
+        sent.append(int(r["out"].split("this run: ")[1].split(" sent")[0]))
+    if sum(sent) != n:
+        sys.exit(f"the processes sent {sent}, not {n} in all")
+    return {
+        "wall": wall,
+        "rate": n / wall,
+        "dups": received - n,
+        "rss": [r["rss"] for r in results],
+        "cpu": [r["cpu"] for r in results],
+        "sent": sent,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -360,6 +457,18 @@ def main() -> None:
     parser.add_argument("--skip-dkim", action="store_true")
     parser.add_argument(
         "--skip-extras", action="store_true", help="skip the import and fetch timings"
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="also run 1 and 2 processes on PostgreSQL (a schema of their own), e.g. "
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    )
+    parser.add_argument(
+        "--skip-sqlite", action="store_true", help="only the PostgreSQL runs (with --postgres)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repeat the single-process DKIM-off runs"
     )
     args = parser.parse_args()
     n, k = args.subscribers, args.connections
@@ -374,34 +483,57 @@ def main() -> None:
         )
         limit_wall = smtp_source(sink.port, n, k, size)
         limit = n / limit_wall if limit_wall else float("nan")
-        small = bench_digest(max(1, n // 10), k, sink.port, dkim=False)
         # Each digest run is compared with a floor run made just before it: on a small
         # shared machine the speed drifts over minutes more than the gap being measured.
-        floors: list[float] = []
         rows = []
-        for name, dkim in [("digest send (DKIM off)", False), ("digest send (DKIM on)", True)]:
-            if dkim and args.skip_dkim:
-                continue
-            floors.append(n / asyncio.run(floor_loop(sink.port, messages, n, k)))
-            result = bench_digest(n, k, sink.port, dkim=dkim)
-            result["floor"] = floors[-1]
-            rows.append((name, result))
-        full = rows[0][1]
+        small = None
+        if not args.skip_sqlite:
+            small = bench_digest(max(1, n // 10), k, sink.port, dkim=False)
+            runs = [("digest send (DKIM off)", False)] * args.runs
+            if not args.skip_dkim:
+                runs.append(("digest send (DKIM on)", True))
+            for name, dkim in runs:
+                floor = n / asyncio.run(floor_loop(sink.port, messages, n, k))
+                result = bench_digest(n, k, sink.port, dkim=dkim)
+                result["floor"] = floor
+                rows.append((name, result))
+        pg_rows = []
+        if args.postgres:
+            for procs in [1] * args.runs + [2]:
+                floor = n / asyncio.run(floor_loop(sink.port, messages, n, k))
+                result = bench_digest_pg(n, k, sink, args.postgres, procs)
+                result["floor"] = floor
+                pg_rows.append((procs, result))
     finally:
         sink.stop()
     print()
-    print(f"{'':30} {'msg/s':>9} {'wall s':>8} {'peak RSS MB':>12} {'/floor':>7} {'/limit':>7}")
-    print(f"{'smtp-source -d (limit)':30} {limit:9.0f} {limit_wall or 0:8.1f}")
+    print(f"{'':34} {'msg/s':>9} {'wall s':>8} {'peak RSS MB':>12} {'/floor':>7} {'/limit':>7}")
+    print(f"{'smtp-source -d (limit)':34} {limit:9.0f} {limit_wall or 0:8.1f}")
     for name, r in rows:
-        print(f"{'aiosmtplib sendmail (floor)':30} {r['floor']:9.0f} {n / r['floor']:8.1f}")
+        print(f"{'aiosmtplib sendmail (floor)':34} {r['floor']:9.0f} {n / r['floor']:8.1f}")
         print(
-            f"{name:30} {r['rate']:9.0f} {r['wall']:8.1f} {r['rss']:12.1f} "
+            f"{name + ', SQLite':34} {r['rate']:9.0f} {r['wall']:8.1f} {r['rss']:12.1f} "
             f"{r['rate'] / r['floor']:7.2f} {r['rate'] / limit:7.2f}"
         )
-    print(
-        f"peak RSS of digest send: {small['rss']:.1f} MB at N={max(1, n // 10):,}, "
-        f"{full['rss']:.1f} MB at N={n:,} (+{full['rss'] - small['rss']:.1f} MB)"
-    )
+    for procs, r in pg_rows:
+        rss = " + ".join(f"{x:.1f}" for x in r["rss"])
+        print(f"{'aiosmtplib sendmail (floor)':34} {r['floor']:9.0f} {n / r['floor']:8.1f}")
+        print(
+            f"{f'digest send x{procs}, PostgreSQL':34} {r['rate']:9.0f} {r['wall']:8.1f} "
+            f"{rss:>12} {r['rate'] / r['floor']:7.2f} {r['rate'] / limit:7.2f}"
+            f"   duplicates {r['dups']}, sent per process {r['sent']}, "
+            f"CPU s per process {[round(c, 1) for c in r['cpu']]}"
+        )
+    ones = [r["rate"] for p, r in pg_rows if p == 1]
+    twos = [r["rate"] for p, r in pg_rows if p == 2]
+    if ones and twos:
+        print(f"PostgreSQL: 2 processes / 1 process = {twos[0] / ones[-1]:.2f}")
+    if rows and small is not None:
+        full = rows[0][1]
+        print(
+            f"peak RSS of digest send: {small['rss']:.1f} MB at N={max(1, n // 10):,}, "
+            f"{full['rss']:.1f} MB at N={n:,} (+{full['rss'] - small['rss']:.1f} MB)"
+        )
     if not args.skip_extras:
         print(f"CSV import of {n:,} subscribers: {bench_import(n):.1f} s")
         print(f"fetch of 50 feeds from loopback: {bench_fetch(50):.1f} s")

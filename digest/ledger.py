@@ -35,7 +35,18 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,6 +96,15 @@ def _claimable(dialect: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One claim: the rows taken, the last id looked at, and how many were skipped."""
+
+    rows: list[Claimed]
+    last_id: int | None  # None: nothing was left to look at after ``after_id``
+    gone: int = 0  # rows of readers who left the list meanwhile, marked skipped
+
+
 def claim(
     conn: Connection,
     issue_id: int,
@@ -93,37 +113,47 @@ def claim(
     owner: str,
     token: str,
     lease_seconds: float,
-) -> list[Claimed]:
+) -> Claim:
     """Claim up to ``limit`` sendable deliveries with id > ``after_id`` (keyset order).
 
     Sendable: pending, deferred whose retry time has come, or sending under an expired
-    lease; of a still-active subscriber. One transaction, committed on return.
+    lease. Rows of subscribers no longer active are marked skipped instead. One
+    transaction, committed on return.
     """
     dialect = conn.dialect.name
-    stmt = (
-        select(
-            Delivery.id,
-            Subscriber.id,
-            Subscriber.email,
-            Subscriber.name,
-            Subscriber.regions,
-            Delivery.attempts,
-            Delivery.message_id,
-        )
-        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-        .where(
-            Delivery.issue_id == issue_id,
-            Delivery.id > after_id,
-            _claimable(dialect),
-            Subscriber.status == SubscriberStatus.ACTIVE,
-        )
+    # The rows first, from the deliveries table alone (its partial index of open rows,
+    # in id order), then their subscribers by primary key: a join here lets a planner
+    # with stale statistics (right after a big import) scan the list once per row.
+    pick = (
+        select(Delivery.id)
+        .where(Delivery.issue_id == issue_id, Delivery.id > after_id, _claimable(dialect))
         .order_by(Delivery.id)
         .limit(limit)
     )
     if dialect == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
+        pick = pick.with_for_update(skip_locked=True)
     with conn.begin():
-        rows = [Claimed(*row) for row in conn.execute(stmt)]
+        _async_commit(conn)
+        ids = list(conn.execute(pick).scalars())
+        if not ids:
+            return Claim([], None)
+        found = conn.execute(
+            select(
+                Delivery.id,
+                Subscriber.id,
+                Subscriber.email,
+                Subscriber.name,
+                Subscriber.regions,
+                Delivery.attempts,
+                Delivery.message_id,
+                Subscriber.status,
+            )
+            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+            .where(Delivery.id.in_(ids))
+            .order_by(Delivery.id)
+        ).all()
+        rows = [Claimed(*r[:7]) for r in found if r[7] == SubscriberStatus.ACTIVE]
+        gone = [r[0] for r in found if r[7] != SubscriberStatus.ACTIVE]
         if rows:
             conn.execute(
                 update(Delivery)
@@ -135,7 +165,19 @@ def claim(
                     lease_until=store.db_after(dialect, lease_seconds),
                 )
             )
-    return rows
+        if gone:
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(gone))
+                .values(
+                    status=DeliveryStatus.SKIPPED,
+                    last_error="subscriber is no longer active",
+                    owner=None,
+                    lease_token=None,
+                    lease_until=None,
+                )
+            )
+    return Claim(rows, ids[-1], len(gone))
 
 
 def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> dict[int, str]:
@@ -235,11 +277,68 @@ _RECORD = (
 )
 
 
+def _async_commit(conn: Connection) -> None:
+    # The ledger's commits do not wait for the WAL to reach the disk: the same bargain as
+    # SQLite's WAL with synchronous=NORMAL. The commit is visible to every worker at once,
+    # so a crash of digest still re-sends at most one message per connection; only a
+    # crash of the database server itself may forget the last fraction of a second of
+    # outcomes, and those messages go out again with the same Message-ID. Per
+    # transaction (SET LOCAL), so nothing leaks to a pooled connection.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL synchronous_commit = off"))
+
+
+# PostgreSQL: the whole batch in one statement, one round trip, in autocommit. The rows
+# come in as typed arrays (unnest), RETURNING says which ones the fence let through, and
+# set_config makes this statement's commit asynchronous (see _async_commit).
+_RECORD_PG = text(
+    """
+    UPDATE deliveries AS d
+    SET status = v.status, attempts = v.attempts, last_error = v.last_error,
+        message_id = v.message_id, sent_at = v.sent_at, next_attempt_at = v.next_attempt_at,
+        lease_until = NULL, lease_token = NULL
+    FROM unnest(
+            CAST(:ids AS integer[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+            CAST(:attempts AS integer[]), CAST(:errors AS text[]), CAST(:mids AS text[]),
+            CAST(:sent AS timestamp[]), CAST(:next AS timestamp[])
+         ) AS v(id, token, status, attempts, last_error, message_id, sent_at, next_attempt_at),
+         (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+    WHERE d.id = v.id AND d.owner = :owner AND d.lease_token = v.token
+      AND d.status = 'sending'
+    RETURNING d.id
+    """
+)
+
+
+def _naive_utc(t: datetime | None) -> datetime | None:
+    return None if t is None else t.astimezone(UTC).replace(tzinfo=None)
+
+
 def write_outcomes(conn: Connection, rows: list[dict[str, Any]]) -> list[bool]:
     """Write fenced outcomes in one commit; which rows were written (False: taken over).
 
     Each row has ``id``, ``owner``, ``token`` and every name in :data:`OUTCOME_FIELDS`.
+    On PostgreSQL ``conn`` must be in autocommit (one statement is one transaction).
     """
+    if conn.dialect.name == "postgresql":
+        written = set(
+            conn.execute(
+                _RECORD_PG,
+                {
+                    "ids": [r["id"] for r in rows],
+                    "tokens": [r["token"] for r in rows],
+                    "statuses": [str(r["status"]) for r in rows],
+                    "attempts": [r["attempts"] for r in rows],
+                    "errors": [r["last_error"] for r in rows],
+                    "mids": [r["message_id"] for r in rows],
+                    "sent": [_naive_utc(r["sent_at"]) for r in rows],
+                    "next": [_naive_utc(r["next_attempt_at"]) for r in rows],
+                    "owner": rows[0]["owner"],
+                },
+            ).scalars()
+        )
+        conn.commit()
+        return [r["id"] in written for r in rows]
     params = [{f"b_{k}": v for k, v in r.items()} for r in rows]
     with conn.begin() as tx:
         if conn.execute(_RECORD, params).rowcount == len(params):
@@ -274,27 +373,40 @@ class Ledger:
         self._sessions = sessions
         self._bounce = bounce
         self._conn = engine.connect()
+        # Outcomes: one statement per commit on PostgreSQL, so a connection of their own
+        # in autocommit (claims and renewals need real transactions).
+        self._out = engine.connect()
+        if engine.dialect.name == "postgresql":
+            self._out = self._out.execution_options(isolation_level="AUTOCOMMIT")
         self._held: dict[int, str] = {}  # delivery id → token of the claim that holds it
+        self._rows_lock = asyncio.Lock()
         self._renewed_at = time.monotonic()  # start of the last good renewal
         self._pending: list[tuple[Outcome, asyncio.Future[bool] | None]] = []
         self._wake = asyncio.Event()
         self._closed = False
         self._failed: DatabaseError | None = None
+        self.scanned_to: int | None = None
+        self.gone = 0  # rows skipped at claim time: their reader left the list
         self.lost = 0  # claims found taken over by another worker
         self.heartbeat_error: str | None = None
 
     # claims
 
     def claim(self, after_id: int, limit: int | None = None) -> list[Claimed]:
-        """Claim the next batch (default :data:`CLAIM_BATCH`) after ``after_id``, new token."""
+        """Claim the next batch (default :data:`CLAIM_BATCH`) after ``after_id``, new token.
+
+        :attr:`scanned_to` is then the last id looked at (None: nothing after ``after_id``).
+        """
         token = secrets.token_hex(8)
         limit = limit or CLAIM_BATCH
-        rows = self._db(
+        got = self._db(
             lambda c: claim(c, self.issue_id, after_id, limit, self.owner, token, self.lease)
         )
-        for r in rows:
+        for r in got.rows:
             self._held[r.delivery_id] = token
-        return rows
+        self.scanned_to = got.last_id
+        self.gone += got.gone
+        return got.rows
 
     async def batches(self, stopped: Callable[[], bool]) -> AsyncGenerator[list[Claimed], None]:
         """Claimed batches until none is left, waiting out other workers' live leases.
@@ -308,9 +420,10 @@ class Ledger:
         poll = min(WAIT_POLL_MAX, self.lease / 10)
         while not stopped():
             batch = self.claim(after)
-            if batch:
-                after = batch[-1].delivery_id
-                yield batch
+            if self.scanned_to is not None:
+                after = self.scanned_to
+                if batch:
+                    yield batch
                 continue
             if after:
                 after = 0  # rows behind us may have been released or expired since
@@ -344,7 +457,8 @@ class Ledger:
             if self._closed:
                 return
             try:
-                self.renew()
+                async with self._rows_lock:
+                    self.renew()
                 self.heartbeat_error = None
             except DatabaseError as exc:
                 self.heartbeat_error = str(exc)
@@ -356,7 +470,9 @@ class Ledger:
         first; if that fails the error stops the run (we cannot know we still hold it).
         """
         if self.fenced:
-            self.renew()
+            async with self._rows_lock:
+                if self.fenced:
+                    self.renew()
         return delivery_id in self._held
 
     # outcomes
@@ -382,7 +498,7 @@ class Ledger:
             self._wake.clear()
             await asyncio.sleep(0)  # let the other workers' outcomes join this commit
             try:
-                self.flush()
+                await self.flush()
             except DatabaseError as exc:
                 # Every waiting and every later ``record`` gets the error: the run stops.
                 self._failed = exc
@@ -397,8 +513,16 @@ class Ledger:
         self._closed = True
         self._wake.set()
 
-    def flush(self) -> None:
-        """Write every queued outcome in one transaction, fenced by our claims."""
+    async def flush(self) -> None:
+        """Write every queued outcome in one transaction, fenced by our claims.
+
+        Renewals wait for it (and it for them): both touch the rows we hold, from two
+        connections, and must not lock them in opposite orders.
+        """
+        async with self._rows_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -426,7 +550,7 @@ class Ledger:
                 }
             )
         try:
-            written = self._db(lambda c: write_outcomes(c, rows)) if rows else []
+            written = await self._write(rows) if rows else []
             for (o, _), ok in zip(mine, written, strict=True):
                 results[id(o)] = ok
                 self._held.pop(o.delivery_id, None)
@@ -448,6 +572,14 @@ class Ledger:
             if fut is not None and not fut.done():
                 fut.set_result(results[id(o)])
 
+    async def _write(self, rows: list[dict[str, Any]]) -> list[bool]:
+        out = self._out
+        if out.dialect.name == "postgresql":
+            # In a thread: the round trip to the server releases the GIL, so the SMTP
+            # workers go on meanwhile. (SQLite's in-process write is quicker inline.)
+            return await asyncio.to_thread(self._db, lambda c: write_outcomes(c, rows), out)
+        return self._db(lambda c: write_outcomes(c, rows), out)
+
     # the end
 
     def release(self) -> int:
@@ -456,16 +588,18 @@ class Ledger:
         return self._db(lambda c: release(c, self.issue_id, self.owner))
 
     def dispose(self) -> None:
-        """Release the ledger's connection."""
+        """Release the ledger's connections."""
         self._conn.close()
+        self._out.close()
 
-    def _db(self, fn: Callable[[Connection], T]) -> T:
+    def _db(self, fn: Callable[[Connection], T], conn: Connection | None = None) -> T:
+        conn = conn or self._conn
         try:
-            return fn(self._conn)
+            return fn(conn)
         except SQLAlchemyError as exc:
             # A dropped connection: the next statement gets a fresh one from the pool.
             with contextlib.suppress(SQLAlchemyError):
-                self._conn.invalidate()
+                conn.invalidate()
             raise _db_error(exc) from None
 
 

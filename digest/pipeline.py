@@ -373,6 +373,8 @@ def send(
             # One worker at a time adds the deliveries; the others wait a moment.
             store.lock_issue(session, issue.id)
             report.new_deliveries = store.create_deliveries(session, issue.id)
+            if report.new_deliveries >= 1000:
+                store.refresh_statistics(session)
             if app.engine.dialect.name != "postgresql":
                 # SQLite: we hold the turn, so every claim left is a crashed run's.
                 store.release_orphans(session, issue.id)
@@ -401,7 +403,7 @@ def send(
         finally:
             # Whatever happened, rows this worker claimed but never finished go back.
             counts, gone_since = _settle(app, issue, ledger)
-        report.stats.skipped += gone + gone_since
+        report.stats.skipped += gone + gone_since + ledger.gone
         report.editions = editions.rendered
         report.counts = counts
         return report

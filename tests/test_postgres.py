@@ -104,8 +104,8 @@ def test_claims_are_disjoint_across_sessions(pg_app: pipeline.App) -> None:
         store.create_deliveries(s, renderer_issue.id)
         s.commit()
     with pg_app.engine.connect() as a, pg_app.engine.connect() as b:
-        first = ledger.claim(a, renderer_issue.id, 0, 20, "a:1:x", "t1", 60)
-        second = ledger.claim(b, renderer_issue.id, 0, 20, "b:2:y", "t2", 60)
+        first = ledger.claim(a, renderer_issue.id, 0, 20, "a:1:x", "t1", 60).rows
+        second = ledger.claim(b, renderer_issue.id, 0, 20, "b:2:y", "t2", 60).rows
     ids_a = {c.delivery_id for c in first}
     ids_b = {c.delivery_id for c in second}
     assert len(ids_a) == 20 and len(ids_b) == 10 and not ids_a & ids_b

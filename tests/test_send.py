@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from digest import pipeline, store
 from digest.cli import main
@@ -330,3 +332,24 @@ def test_retry_delays_use_equal_jitter() -> None:
         delays = [policy.delay(tries) for _ in range(200)]
         assert all(backoff / 2 <= d <= backoff for d in delays)
         assert max(delays) - min(delays) > backoff / 4  # spread, not one value
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"", b".", b"..", b".x", b"a.b", b"x", b"=2E", "𝔘🦊&".encode(), b"a\nb", b"c\rd"]
+        ),
+        max_size=12,
+    )
+)
+def test_the_fast_data_path_sends_what_aiosmtplib_would(lines: list[bytes]) -> None:
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    from digest.send import wire_payload
+
+    message = b"".join(line + b"\r\n" for line in lines)
+    ours = wire_payload(message)
+    if b"\n" in b"".join(lines) or b"\r" in b"".join(lines) or not message:
+        assert ours is None  # a bare CR or LF: aiosmtplib's own path
+    else:
+        assert ours == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
