@@ -473,6 +473,7 @@ def main() -> None:
     args = parser.parse_args()
     n, k = args.subscribers, args.connections
     print(f"machine: {os.cpu_count()} cores; N = {n:,} subscribers; {k} connections")
+    print(f"load average at the start: {os.getloadavg()[0]:.2f}")
     sink = Sink()
     try:
         messages = sample_messages(sink.port, k)
@@ -524,6 +525,7 @@ def main() -> None:
             f"   duplicates {r['dups']}, sent per process {r['sent']}, "
             f"CPU s per process {[round(c, 1) for c in r['cpu']]}"
         )
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     ones = [r["rate"] for p, r in pg_rows if p == 1]
     twos = [r["rate"] for p, r in pg_rows if p == 2]
     if ones and twos:
