@@ -135,8 +135,9 @@ class Elector:
 
     @property
     def interval(self) -> float:
-        """Seconds between ticks."""
-        return self.ttl / 3
+        """Seconds between ticks: a third of the lease, and at most 30 s, so a standby
+        takes over within ``ttl`` + 30 s of the leader's last renewal."""
+        return min(self.ttl / 3, 30.0)
 
     def tick(self) -> bool:
         """Elect or renew once; True when this process is the leader afterwards."""

@@ -667,3 +667,43 @@ def test_a_scheduled_slot_fires_once_however_many_runners_fire_it(
     jobs.scheduled_send(str(path), slot=slot.isoformat())
     assert len(handler.messages) == 3
     app.engine.dispose()
+
+
+def test_digest_run_resumes_a_paused_send_once_the_window_reopens(
+    tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    # SQLite is enough: the resume is the scheduler's business, whatever the database.
+    from datetime import UTC, datetime, timedelta
+
+    from digest.schedule import run_scheduler
+    from tests.test_schedule import _prepare, _stored_send_due_at
+
+    controller, handler = smtp_server
+    path = write_config(tmp_path, port=controller.port, smtp_extra="max_per_hour = 2")
+    app = _prepare(path, feed_file, readers=5)
+    _stored_send_due_at(path, datetime.now(UTC) - timedelta(minutes=1))
+    logs: list[str] = []
+    stop = threading.Event()
+    runner = threading.Thread(target=run_scheduler, args=(load_config(path), logs.append, stop))
+    runner.start()
+    try:
+        poll(lambda: any("send paused by the relay's quota" in line for line in logs))
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert len(handler.messages) == 2
+    # The resume is in the scheduler's store, for when the hour window reopens.
+    (run_at,) = sql(
+        app.engine,
+        "SELECT next_run_time FROM apscheduler_jobs WHERE id = 'digest-resume-after-pause'",
+    )[0]
+    with app.engine.connect() as conn:
+        from digest import ratelimit
+
+        pause = ratelimit.window_pause(
+            conn, ratelimit.relay_key(app.config.smtp), ratelimit.Limits(per_hour=2)
+        )
+    assert pause is not None
+    assert run_at == pytest.approx(pause.resumes_at.timestamp() + 5, abs=1)
+    app.engine.dispose()
