@@ -419,7 +419,7 @@ class Ledger:
         after = 0
         poll = min(WAIT_POLL_MAX, self.lease / 10)
         while not stopped():
-            batch = self.claim(after)
+            batch = await self._claim_soon(after)
             if self.scanned_to is not None:
                 after = self.scanned_to
                 if batch:
@@ -432,6 +432,14 @@ class Ledger:
                 return
             yield []  # "waiting": the caller must not hold back rows it already claimed
             await asyncio.sleep(poll)
+
+    async def _claim_soon(self, after_id: int) -> list[Claimed]:
+        if self._conn.dialect.name != "postgresql":
+            return self.claim(after_id)
+        # In a thread, as outcomes are written: the SMTP workers go on meanwhile. Under
+        # the rows lock, because renewals use the same connection.
+        async with self._rows_lock:
+            return await asyncio.to_thread(self.claim, after_id)
 
     # leases
 
