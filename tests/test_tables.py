@@ -136,7 +136,8 @@ def test_status_json_and_table(sent: Path) -> None:
     result = run(sent, "status", "--json")
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
-    assert set(doc) == {"subscribers", "articles", "issues", "missed"}
+    assert set(doc) == {"subscribers", "articles", "issues", "missed", "paused"}
+    assert doc["paused"] is None  # the relay's quota is not full (no limits set)
     assert doc["subscribers"] == {"active": 3, "unsubscribed": 1, "bounced": 0}
     assert doc["articles"] == 10
     assert doc["missed"] == ["2026-11-20"]
@@ -179,6 +180,7 @@ def test_empty_outputs_are_valid(config_path: Path) -> None:
         "articles": 0,
         "issues": [],
         "missed": [],
+        "paused": None,
     }
     assert run(config_path, "status").stdout.splitlines()[-1] == "no issues yet"
 
