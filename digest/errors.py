@@ -15,7 +15,8 @@ aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions:
     ├── TokenError                   a link's token is malformed, tampered or foreign
     │   └── ExpiredToken             a genuine confirmation link past its lifetime
     ├── NothingToSend                the week has no articles (run ``digest fetch``)
-    ├── SendInProgress               another ``digest send`` holds this issue
+    ├── SendInProgress               SQLite: another process holds the lock (a second
+    │                                ``digest run``; an edit while the issue is sent)
     ├── AwaitingApproval             approval is required and the issue has none yet
     ├── EditRefused                  exit 2: the issue's sending has started; it is final
     ├── RatePaused                   exit 0: the relay's hour/day quota is used up for now
@@ -78,7 +79,7 @@ class NothingToSend(DigestError):
 
 
 class SendInProgress(DigestError):
-    """Another sender holds the lock for this issue."""
+    """Another process holds a lock beside the SQLite database (PostgreSQL uses leases)."""
 
 
 class AwaitingApproval(DigestError):
