@@ -299,7 +299,19 @@ async def test_a_stalled_worker_cannot_overwrite_the_new_owners_outcome(
             )
         )
         assert bounces == []
-        assert not await stalled.admit(mine[1].delivery_id)  # renews, finds it is not ours
+        # A row the new owner is still sending: the stale outcome must not land either
+        # (were it written, the new owner's own write would then be the one refused).
+        second = taken[1]
+        assert not await stalled.record(
+            Outcome(second.delivery_id, second.subscriber_id, DeliveryStatus.SENT, 1, "<m@x>")
+        )
+        assert sql(
+            app.engine, "SELECT status, owner FROM deliveries WHERE id = :i", i=second.delivery_id
+        ) == [("sending", fresh.owner)]
+        assert await fresh.record(
+            Outcome(second.delivery_id, second.subscriber_id, DeliveryStatus.SENT, 1, "<m@x>")
+        )
+        assert not await stalled.admit(mine[2].delivery_id)  # renews, finds it is not ours
         assert stalled.lost >= 2
         row = sql(
             app.engine,
@@ -309,7 +321,7 @@ async def test_a_stalled_worker_cannot_overwrite_the_new_owners_outcome(
         assert row == [("sent", fresh.owner, None)]
         # Releasing at the end gives back nothing of the new owner's.
         assert stalled.release() == 0
-        assert fresh.release() == 2
+        assert fresh.release() == 1
     finally:
         await stalled.close()
         await fresh.close()
