@@ -4,7 +4,7 @@ Everything digest raises on purpose derives from :class:`DigestError`; the CLI c
 once, prints ``str(error)`` as a one-line message on stderr and exits with ``exit_code``.
 Third-party errors (SQLAlchemy, aiosmtplib, httpx, feedparser, TOML) are translated into
 these at the module that talks to the library, so nothing above ``send.py`` imports
-aiosmtplib and nothing above ``store.py`` needs to know SQLAlchemy's exceptions::
+aiosmtplib and nothing above ``store/`` needs to know SQLAlchemy's exceptions::
 
     DigestError                      exit 1 unless noted
     ├── ConfigError                  exit 2: bad or missing configuration (names the key)

@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 tables of the article store, the subscriber list and the delivery ledger.
 
-No business logic here; queries live in ``store.py``. Schema changes go through Alembic
+No business logic here; queries live in ``digest/store/``. Schema changes go through Alembic
 migrations in ``digest/migrations``.
 """
 
