@@ -43,9 +43,9 @@ from typing import Any, Final
 from sqlalchemy.orm import Session, sessionmaker
 
 from digest import store
+from digest.addresses import normalize_email
 from digest.errors import UsageError
 from digest.models import Delivery, DeliveryStatus
-from digest.subscribers import normalize_email
 from digest.tokens import MessageTags
 
 # The Message-ID ``pipeline.message_id`` gives each (issue, subscriber).

@@ -284,8 +284,8 @@ def unsubscribe(obj: Obj, email: str) -> None:
 
     Example: digest unsubscribe reader@example.org
     """
+    from digest.addresses import normalize_email
     from digest.errors import UsageError
-    from digest.subscribers import normalize_email
     from digest.subscribers import unsubscribe as do_unsubscribe
 
     try:

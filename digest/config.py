@@ -255,17 +255,9 @@ class Editorial(_Section):
     @field_validator("editors")
     @classmethod
     def _addresses(cls, editors: list[str]) -> list[str]:
-        from digest.subscribers import normalize_email
+        from digest.addresses import unique_addresses
 
-        out: list[str] = []
-        for value in editors:
-            try:
-                address = normalize_email(value)
-            except ValueError as exc:
-                raise ValueError(f"{value!r} is not an email address: {exc}") from None
-            if address not in out:
-                out.append(address)
-        return out
+        return unique_addresses(editors)
 
 
 class Config(_Section):

@@ -527,16 +527,12 @@ class SentCopy:
 
 def copy_addresses(addresses: Sequence[str]) -> list[str]:
     """Validated, normalized, de-duplicated addresses; at most :data:`MAX_TEST_ADDRESSES`."""
-    from digest.subscribers import normalize_email
+    from digest.addresses import unique_addresses
 
-    out: list[str] = []
-    for raw in addresses:
-        try:
-            address = normalize_email(raw)
-        except ValueError as exc:
-            raise UsageError(f"--test {raw!r} is not an email address: {exc}") from None
-        if address not in out:
-            out.append(address)
+    try:
+        out = unique_addresses(addresses)
+    except ValueError as exc:
+        raise UsageError(f"--test {exc}") from None
     if not out:
         raise UsageError("--test needs at least one address: digest send --test you@example.org")
     if len(out) > MAX_TEST_ADDRESSES:

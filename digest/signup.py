@@ -25,8 +25,8 @@ from typing import Final
 from sqlalchemy.orm import Session
 
 from digest import store
+from digest.addresses import NAME_MAX, clean_name, normalize_email
 from digest.models import SignupMailKind, Subscriber, SubscriberSource, SubscriberStatus
-from digest.subscribers import NAME_MAX, clean_name, normalize_email
 from digest.tokens import SignupClaim
 
 MAIL_COOLDOWN: Final = timedelta(hours=1)

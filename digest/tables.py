@@ -109,7 +109,7 @@ def _or_dash(value: JSON) -> str:
 
 def consent_record(sub: Subscriber) -> tuple[str, str, str]:
     """``(source, subscribed_at, confirmed_at)``, as the export writes them."""
-    from digest.subscribers import consent_record as record
+    from digest.subscriber_files import consent_record as record
 
     return record(sub)
 

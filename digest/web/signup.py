@@ -29,8 +29,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from digest import signup, store
+from digest.addresses import normalize_email
 from digest.errors import ExpiredToken, TokenError
-from digest.subscribers import normalize_email
 from digest.tokens import SignupClaim
 from digest.web.context import Web, cross_site
 from digest.web.forms import BadForm, read_form
