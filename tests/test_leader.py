@@ -16,24 +16,15 @@ from sqlalchemy import Engine, create_engine, update
 from digest import leader, store
 from digest.leader import Elector
 from digest.models import LeaderLease
-from tests.test_postgres import pg_schema
+from tests.test_postgres import migrated_engine
 
 TTL = 1.5
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = store.open_engine(f"sqlite:///{tmp_path / 'leader.db'}")
-        store.migrate(eng)
+    with migrated_engine(request.param, tmp_path / "leader.db") as eng:
         yield eng
-        eng.dispose()
-        return
-    with pg_schema() as url:
-        eng = store.open_engine(url)
-        store.migrate(eng)
-        yield eng
-        eng.dispose()
 
 
 def poll(cond: object, timeout: float = 20) -> None:

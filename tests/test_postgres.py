@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from digest import ledger, pipeline, store
@@ -57,6 +57,22 @@ def pg_schema(schema: str | None = None, **settings: str) -> Iterator[str]:
                 c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     finally:
         admin.dispose()
+
+
+@contextmanager
+def migrated_engine(backend: str, sqlite_file: Path | None = None) -> Iterator[Engine]:
+    """A migrated engine: on ``sqlite_file`` ("sqlite"), or on a schema of its own on the
+    test server ("postgresql", see :func:`pg_schema`)."""
+    if backend == "sqlite":
+        assert sqlite_file is not None, "a SQLite engine needs its file"
+    where = nullcontext(f"sqlite:///{sqlite_file}") if backend == "sqlite" else pg_schema()
+    with where as url:
+        engine = store.open_engine(url)
+        store.migrate(engine)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture

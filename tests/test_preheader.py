@@ -14,17 +14,9 @@ import pytest
 
 from digest import pipeline
 from digest.config import load_config
+from tests.webutil import CHROMIUM, chromium
 
 ROOT = Path(__file__).parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture
@@ -99,27 +91,21 @@ def test_no_text_is_painted_in_its_background_colour(example_html: str) -> None:
 def test_the_preheader_leads_the_text_and_takes_no_room(example_html: str) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed: cannot check the rendered layout")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 800, "height": 1200})
-            page.set_content(example_html)
-            # Mail clients build the preview from the first text: that is the preheader.
-            first = page.evaluate("document.body.innerText.trimStart().slice(0, 40)")
-            assert first.startswith("Japan and South Korea open talks")
-            box = page.locator("body > div").first.bounding_box()
-            assert box is not None and box["height"] == 0
-            # Its text is drawn nowhere: the glyphs themselves take no area.
-            ink = page.evaluate(
-                """() => { const r = document.createRange();
-                   r.selectNodeContents(document.querySelector('body > div'));
-                   const b = r.getBoundingClientRect(); return [b.width, b.height]; }"""
-            )
-            assert ink == [0, 0]
-            # The page's layout starts where the preheader is: it pushes nothing down.
-            after = page.locator("body > div + table").first.bounding_box()
-            assert after is not None and after["y"] == box["y"]
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 800, "height": 1200})
+        page.set_content(example_html)
+        # Mail clients build the preview from the first text: that is the preheader.
+        first = page.evaluate("document.body.innerText.trimStart().slice(0, 40)")
+        assert first.startswith("Japan and South Korea open talks")
+        box = page.locator("body > div").first.bounding_box()
+        assert box is not None and box["height"] == 0
+        # Its text is drawn nowhere: the glyphs themselves take no area.
+        ink = page.evaluate(
+            """() => { const r = document.createRange();
+               r.selectNodeContents(document.querySelector('body > div'));
+               const b = r.getBoundingClientRect(); return [b.width, b.height]; }"""
+        )
+        assert ink == [0, 0]
+        # The page's layout starts where the preheader is: it pushes nothing down.
+        after = page.locator("body > div + table").first.bounding_box()
+        assert after is not None and after["y"] == box["y"]

@@ -15,9 +15,8 @@ import os
 import shutil
 import struct
 import threading
-import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,16 +32,8 @@ from digest.config import load_config
 from digest.web.preview import create_preview_app
 from tests.conftest import Recorder, free_port
 from tests.test_editorial import EU0, D, feed_items, make_desk, run
+from tests.webutil import chromium, needs_chromium, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ROOT = Path(__file__).parent.parent
 SHOT = ROOT / "docs" / "screenshots" / "editors-week.png"
 PICTURE_CREDIT = "Zoë Lens/Agence & Co"
@@ -50,18 +41,6 @@ NOTE = (
     "This week we follow **Europe's** budget fights, and the [long read]"
     "(https://news.example.org/long) on the Gulf's chip race.\n\n— The editors"
 )
-
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"
-)
-
-
-def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -165,19 +144,13 @@ def preview_url(desk: pipeline.App) -> Iterator[str]:
 
 @pytest.fixture
 def page(preview_url: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            pg.goto(preview_url)
-            yield pg
-            assert errors == []  # no CSP violation, no script error
-        finally:
-            browser.close()
+    with chromium() as browser:
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        pg.goto(preview_url)
+        yield pg
+        assert errors == []  # no CSP violation, no script error
 
 
 def frame_text(page: Any) -> str:

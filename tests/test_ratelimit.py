@@ -14,28 +14,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from digest import ratelimit, store
+from digest import ratelimit
 from digest.errors import RatePaused
 from digest.models import RelayLimit
 from digest.ratelimit import Limits, RelayLimiter
-from tests.test_postgres import pg_schema
+from tests.test_postgres import migrated_engine
 
 RELAY = "relay.example.org:587"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = store.open_engine(f"sqlite:///{tmp_path / 'limits.db'}")
-        store.migrate(eng)
+    with migrated_engine(request.param, tmp_path / "limits.db") as eng:
         yield eng
-        eng.dispose()
-        return
-    with pg_schema() as url:
-        eng = store.open_engine(url)
-        store.migrate(eng)
-        yield eng
-        eng.dispose()
 
 
 def test_hourly_quota_is_shared_and_survives_a_restart(engine: Engine) -> None:
@@ -73,11 +64,8 @@ def test_daily_quota_pauses_too(engine: Engine) -> None:
 @pytest.fixture
 def pg_engine() -> Iterator[Engine]:
     """PostgreSQL only: the race between hosts is PostgreSQL's (SQLite senders take turns)."""
-    with pg_schema() as url:
-        eng = store.open_engine(url)
-        store.migrate(eng)
+    with migrated_engine("postgresql") as eng:
         yield eng
-        eng.dispose()
 
 
 def test_concurrent_workers_never_exceed_the_quota(pg_engine: Engine) -> None:

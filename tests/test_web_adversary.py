@@ -29,7 +29,6 @@ from digest.models import IssueStatus, SubscriberStatus
 from digest.tokens import ConfirmSigner, TokenSigner
 from digest.web import create_app
 from tests.conftest import Recorder, free_port
-from tests.test_web_browser import ARGS, CHROMIUM
 from tests.webutil import (
     BASE,
     EDITION_DATE,
@@ -38,7 +37,9 @@ from tests.webutil import (
     PortOnly,
     WebEnv,
     body_text,
+    chromium,
     make_env,
+    needs_chromium,
     send_issue,
     sqlite_env,  # noqa: F401
     start_server,
@@ -548,13 +549,13 @@ def _exchange(port: int, request: bytes) -> bytes:
 # --- the README's form snippet, pasted into another site ------------------------------------
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
+@needs_chromium
 def test_the_readme_snippet_on_another_origin_signs_up_in_chromium(
     tmp_path: Path, feed_file: Path, smtp_server: tuple[Controller, Recorder]
 ) -> None:
     """The snippet exactly as the README shows it, on a static page served from another
     loopback origin (localhost vs 127.0.0.1: another site), submitted in Chromium."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     port = free_port()
     env = make_env(tmp_path, smtp_server, None, serve_port=port)
@@ -579,32 +580,28 @@ def test_the_readme_snippet_on_another_origin_signs_up_in_chromium(
     threading.Thread(target=magazine.serve_forever, daemon=True).start()
     posted: list[dict[str, str]] = []
     try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-            try:
-                page = browser.new_page()
-                page.on(
-                    "requestfinished",
-                    lambda r: posted.append(r.all_headers()) if r.method == "POST" else None,
-                )
-                page.goto(f"http://localhost:{magazine.server_address[1]}/index.html")
-                box = page.locator("input[name=website]").bounding_box()
-                assert box is not None and box["x"] + box["width"] <= 0, box  # off screen
-                page.get_by_label("Email").fill("Reader.From.Magazine@Example.org")
-                page.get_by_label("Name (optional)").fill("Zoë & 𝔘")
-                page.get_by_label("Middle East").check()
-                page.get_by_role("button", name="Subscribe now").click()
-                expect(page.locator("h1")).to_have_text("Check your inbox")
-                assert page.url == f"{server.url}/subscribe"
-                wait_for(lambda: env.smtp.to("reader.from.magazine@example.org"), "the mail")
-                text = body_text(env.smtp.to("reader.from.magazine@example.org")[0])
-                confirm = re.search(rf"{re.escape(server.url)}/confirm/\S+", text)
-                assert confirm, text
-                page.goto(confirm.group(0))
-                page.get_by_role("button", name="Confirm my subscription").click()
-                expect(page.locator("h1")).to_have_text("You are subscribed")
-            finally:
-                browser.close()
+        with chromium() as browser:
+            page = browser.new_page()
+            page.on(
+                "requestfinished",
+                lambda r: posted.append(r.all_headers()) if r.method == "POST" else None,
+            )
+            page.goto(f"http://localhost:{magazine.server_address[1]}/index.html")
+            box = page.locator("input[name=website]").bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 0, box  # off screen
+            page.get_by_label("Email").fill("Reader.From.Magazine@Example.org")
+            page.get_by_label("Name (optional)").fill("Zoë & 𝔘")
+            page.get_by_label("Middle East").check()
+            page.get_by_role("button", name="Subscribe now").click()
+            expect(page.locator("h1")).to_have_text("Check your inbox")
+            assert page.url == f"{server.url}/subscribe"
+            wait_for(lambda: env.smtp.to("reader.from.magazine@example.org"), "the mail")
+            text = body_text(env.smtp.to("reader.from.magazine@example.org")[0])
+            confirm = re.search(rf"{re.escape(server.url)}/confirm/\S+", text)
+            assert confirm, text
+            page.goto(confirm.group(0))
+            page.get_by_role("button", name="Confirm my subscription").click()
+            expect(page.locator("h1")).to_have_text("You are subscribed")
     finally:
         magazine.shutdown()
         magazine.server_close()

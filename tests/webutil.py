@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,33 @@ BASE = "https://news.example.org/u"  # [unsubscribe] base_url of write_config
 FAST_MAILER = {"poll_seconds": 0.05, "retry_base_seconds": 0.05, "retry_cap_seconds": 0.2}
 PEER = ("203.0.113.9", 40000)  # a client address (TEST-NET-3)
 EDITION_DATE = "2026-11-27"
+
+# Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"
+)
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless :data:`CHROMIUM` driven by Playwright, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
