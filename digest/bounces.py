@@ -48,7 +48,7 @@ from digest.errors import UsageError
 from digest.models import Delivery, DeliveryStatus
 from digest.tokens import MessageTags
 
-# The Message-ID ``pipeline.message_id`` gives each (issue, subscriber).
+# The Message-ID ``issues.message_id`` gives each (issue, subscriber).
 _OUR_MESSAGE_ID: Final = re.compile(
     r"<(?P<local>(?P<date>\d{8})\.(?P<issue>\d+)\.(?P<subscriber>\d+))"
     r"\.(?P<tag>[a-z2-7]{16})\.digest@[^<>\s@]+>"
@@ -269,7 +269,7 @@ def import_bounces(
 
     Soft bounces (4.x.x, ``Action: delayed``) are counted and ignored: the send retries
     those itself. A hard bounce counts only when it quotes one of our Message-IDs with a
-    valid tag (``tags``, see :func:`digest.pipeline.message_tags`). Safe to run again on
+    valid tag (``tags``, see :func:`digest.issues.message_tags`). Safe to run again on
     the same mailbox. Raises :class:`UsageError` when ``path`` is not a readable mailbox.
 
     >>> import_bounces(app.sessions, Path("/var/mail/bounces"), tags=tags)  # doctest: +SKIP

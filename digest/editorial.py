@@ -164,7 +164,7 @@ class IssueView:
 
 
 def _view(session: Session, config: Config, issue: Issue) -> IssueView:
-    sections = pipeline._frozen_sections(session, config, issue)
+    sections = pipeline.frozen_sections(session, config, issue)
     lead = next((a for s in sections for a in s.articles if a.id == issue.lead_article_id), None)
     opening = lead or next((s.articles[0] for s in sections if s.articles), None)
     return IssueView(
@@ -312,7 +312,7 @@ def _commit_edit(
     if selection is not None:
         store.replace_issue_articles(session, issue.id, _tidy(config, selection))
         session.flush()
-    sections = pipeline._frozen_sections(session, config, issue)
+    sections = pipeline.frozen_sections(session, config, issue)
     if issue.lead_article_id is not None and not any(
         a.id == issue.lead_article_id for s in sections for a in s.articles
     ):
@@ -472,7 +472,7 @@ def reset(app: pipeline.App, edition_date: date) -> EditResult:
     with _editable(app, edition_date) as (session, issue):
         sections = pipeline.plan_sections(session, config, edition_date)
         if not sections:
-            raise pipeline._nothing(config, edition_date)
+            raise pipeline.nothing_to_send(config, edition_date)
         issue.lead_article_id = None
         selection = [(s.name, [a.id for a in s.articles]) for s in sections]
         kept = " (the note is kept: `digest issue note --clear` removes it)" if issue.note else ""
@@ -556,7 +556,7 @@ def copy_messages(
     with app.sessions() as session:
         issue, sections = pipeline.issue_sections(session, config, edition_date)
         if not sections:
-            raise pipeline._nothing(config, edition_date)
+            raise pipeline.nothing_to_send(config, edition_date)
         subscribers = store.subscribers_by_email(session, list(addresses))
     ctx = pipeline.issue_context(edition_date, issue)
     template = renderer.edition(ctx, sections, None, subject_prefix=TEST_PREFIX)

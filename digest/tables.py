@@ -99,7 +99,7 @@ def write_json_list(key: str, items: Iterable[dict[str, JSON]], out: TextIO) -> 
 
 if TYPE_CHECKING:
     from digest.models import Subscriber
-    from digest.pipeline import FailedRow, IssueStatusRow, StatusReport
+    from digest.status import FailedRow, IssueStatusRow, StatusReport
 
 
 def _or_dash(value: JSON) -> str:
@@ -176,7 +176,7 @@ def status_document(report: StatusReport) -> dict[str, JSON]:
 def status_lines(report: StatusReport) -> list[str]:
     """``digest status`` for people: the subscriber line, then issues and missed weeks,
     newest first."""
-    from digest.pipeline import IssueStatusRow
+    from digest.status import IssueStatusRow
 
     subs = report.subscribers
     lines = [

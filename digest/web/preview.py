@@ -2,7 +2,7 @@
 
 One page with a switch per edition (each region set subscribers have) and per subscriber,
 desktop (1024 px) and mobile (375 px) widths, and the HTML or the plain-text part. The
-message itself is rendered by :func:`digest.pipeline.preview`, the same code as
+message itself is rendered by :func:`digest.preview.preview`, the same code as
 ``digest preview`` and ``send``, and shown in a sandboxed frame that may run no script.
 
 Live reload without websockets: the page asks ``/version`` every second for a fingerprint
