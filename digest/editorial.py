@@ -30,7 +30,8 @@ from datetime import UTC, date, datetime
 
 from sqlalchemy.orm import Session
 
-from digest import pipeline, store
+from digest import issues, store
+from digest.app import App, today
 from digest.config import Config
 from digest.dkimsign import load_signer
 from digest.errors import (
@@ -93,7 +94,7 @@ def awaiting_approval(config: Config, session: Session, issue: Issue) -> bool:
     )
 
 
-def check_approval(app: pipeline.App, issue: Issue) -> None:
+def check_approval(app: App, issue: Issue) -> None:
     """Raise :class:`AwaitingApproval` when ``send`` must not send ``issue`` yet.
 
     An issue whose send has started is finished whatever the setting says now.
@@ -104,14 +105,14 @@ def check_approval(app: pipeline.App, issue: Issue) -> None:
             raise AwaitingApproval(f"issue {d} awaits approval: digest issue approve --date {d}")
 
 
-def waiting_for_approval(app: pipeline.App, edition_date: date) -> bool:
+def waiting_for_approval(app: App, edition_date: date) -> bool:
     """True when the issue of that date exists and :func:`check_approval` would refuse it."""
     with app.sessions() as session:
         issue = store.issue_for_date(session, edition_date)
         return issue is not None and awaiting_approval(app.config, session, issue)
 
 
-def unstarted(app: pipeline.App, edition_date: date) -> bool:
+def unstarted(app: App, edition_date: date) -> bool:
     """True when the issue of that date exists and none of its messages has left."""
     with app.sessions() as session:
         issue = store.issue_for_date(session, edition_date)
@@ -122,7 +123,7 @@ def unstarted(app: pipeline.App, edition_date: date) -> bool:
         )
 
 
-def is_missed(app: pipeline.App, edition_date: date) -> bool:
+def is_missed(app: App, edition_date: date) -> bool:
     """True when the scheduled send of that date was recorded as missed."""
     with app.sessions() as session:
         return store.is_missed(session, edition_date)
@@ -164,7 +165,7 @@ class IssueView:
 
 
 def _view(session: Session, config: Config, issue: Issue) -> IssueView:
-    sections = pipeline.frozen_sections(session, config, issue)
+    sections = issues.frozen_sections(session, config, issue)
     lead = next((a for s in sections for a in s.articles if a.id == issue.lead_article_id), None)
     opening = lead or next((s.articles[0] for s in sections if s.articles), None)
     return IssueView(
@@ -187,14 +188,14 @@ def next_send_date(config: Config, now: datetime | None = None) -> date:
     return (fire or now or datetime.now(UTC)).astimezone(config.schedule.tz).date()
 
 
-def default_date(app: pipeline.App) -> date:
+def default_date(app: App) -> date:
     """The next issue not yet sent (from today on), for commands given no ``--date``."""
-    today = pipeline.today(app.config)
+    from_date = today(app.config)
     with app.sessions() as session:
-        issue = store.next_unsent_issue(session, today)
+        issue = store.next_unsent_issue(session, from_date)
     if issue is None:
         raise UsageError(
-            f"no unsent issue from {today} on: build one with `digest draft --date D`, "
+            f"no unsent issue from {from_date} on: build one with `digest draft --date D`, "
             "or pass --date"
         )
     return issue.edition_date
@@ -206,7 +207,7 @@ def _no_issue(edition_date: date) -> UsageError:
     )
 
 
-def show(app: pipeline.App, edition_date: date) -> IssueView:
+def show(app: App, edition_date: date) -> IssueView:
     """The issue of ``edition_date``; :class:`UsageError` when it was never built."""
     with app.sessions() as session:
         issue = store.issue_for_date(session, edition_date)
@@ -215,11 +216,11 @@ def show(app: pipeline.App, edition_date: date) -> IssueView:
         return _view(session, app.config, issue)
 
 
-def build_draft(app: pipeline.App, edition_date: date) -> tuple[IssueView, bool]:
+def build_draft(app: App, edition_date: date) -> tuple[IssueView, bool]:
     """Freeze the issue of ``edition_date`` now, by the rules (once); True if built now."""
     with app.sessions() as session:
         existed = store.issue_for_date(session, edition_date) is not None
-    issue, _ = pipeline.build_issue(app, Renderer(app.config), edition_date)
+    issue, _ = issues.build_issue(app, Renderer(app.config), edition_date)
     with app.sessions() as session:
         return _view(session, app.config, session.merge(issue)), not existed
 
@@ -238,7 +239,7 @@ class EditResult:
 
 
 @contextmanager
-def _editable(app: pipeline.App, edition_date: date) -> Iterator[tuple[Session, Issue]]:
+def _editable(app: App, edition_date: date) -> Iterator[tuple[Session, Issue]]:
     """The issue in a session, under its send lock; refused once a message has left."""
     try:
         with (
@@ -300,7 +301,7 @@ def _tidy(config: Config, selection: Selection) -> Selection:
 
 
 def _commit_edit(
-    app: pipeline.App,
+    app: App,
     session: Session,
     issue: Issue,
     message: str,
@@ -312,13 +313,13 @@ def _commit_edit(
     if selection is not None:
         store.replace_issue_articles(session, issue.id, _tidy(config, selection))
         session.flush()
-    sections = pipeline.frozen_sections(session, config, issue)
+    sections = issues.frozen_sections(session, config, issue)
     if issue.lead_article_id is not None and not any(
         a.id == issue.lead_article_id for s in sections for a in s.articles
     ):
         issue.lead_article_id = None
     renderer = Renderer(config)
-    ctx = pipeline.issue_context(issue.edition_date, issue)
+    ctx = issues.issue_context(issue.edition_date, issue)
     issue.subject = renderer.subject(renderer.context(ctx, sections))
     withdrew = issue.approved_at is not None
     issue.approved_at = None
@@ -337,7 +338,7 @@ def _need_in_issue(selection: Selection, article_id: int, edition_date: date) ->
     return where
 
 
-def set_lead(app: pipeline.App, edition_date: date, article_id: int | None) -> EditResult:
+def set_lead(app: App, edition_date: date, article_id: int | None) -> EditResult:
     """Make ``article_id`` (already in the issue) the lead story; None: the rules decide."""
     with _editable(app, edition_date) as (session, issue):
         if article_id is not None:
@@ -351,7 +352,7 @@ def set_lead(app: pipeline.App, edition_date: date, article_id: int | None) -> E
         return _commit_edit(app, session, issue, f"{edition_date}: {what}")
 
 
-def exclude(app: pipeline.App, edition_date: date, article_id: int) -> EditResult:
+def exclude(app: App, edition_date: date, article_id: int) -> EditResult:
     """Take an article out of the issue."""
     with _editable(app, edition_date) as (session, issue):
         selection = _selection(session, issue)
@@ -383,9 +384,7 @@ def _home_section(config: Config, article: Article) -> str:
     )
 
 
-def include(
-    app: pipeline.App, edition_date: date, article_id: int, region: str | None = None
-) -> EditResult:
+def include(app: App, edition_date: date, article_id: int, region: str | None = None) -> EditResult:
     """Add any stored article (older ones too), last in ``region`` or its own section."""
     config = app.config
     with _editable(app, edition_date) as (session, issue):
@@ -421,7 +420,7 @@ def include(
 
 
 def move(
-    app: pipeline.App,
+    app: App,
     edition_date: date,
     article_id: int,
     region: str,
@@ -457,7 +456,7 @@ def move(
         )
 
 
-def set_note(app: pipeline.App, edition_date: date, text: str | None) -> EditResult:
+def set_note(app: App, edition_date: date, text: str | None) -> EditResult:
     """Set (Markdown) or clear (None or blank) the editor's note."""
     note = check_note(text) if text is not None else ""
     with _editable(app, edition_date) as (session, issue):
@@ -466,13 +465,13 @@ def set_note(app: pipeline.App, edition_date: date, text: str | None) -> EditRes
         return _commit_edit(app, session, issue, f"{edition_date}: {what}")
 
 
-def reset(app: pipeline.App, edition_date: date) -> EditResult:
+def reset(app: App, edition_date: date) -> EditResult:
     """Select again by the rules, dropping curation and the lead; the note is kept."""
     config = app.config
     with _editable(app, edition_date) as (session, issue):
-        sections = pipeline.plan_sections(session, config, edition_date)
+        sections = issues.plan_sections(session, config, edition_date)
         if not sections:
-            raise pipeline.nothing_to_send(config, edition_date)
+            raise issues.nothing_to_send(config, edition_date)
         issue.lead_article_id = None
         selection = [(s.name, [a.id for a in s.articles]) for s in sections]
         kept = " (the note is kept: `digest issue note --clear` removes it)" if issue.note else ""
@@ -485,7 +484,7 @@ def reset(app: pipeline.App, edition_date: date) -> EditResult:
         )
 
 
-def approve(app: pipeline.App, edition_date: date, by: str) -> EditResult:
+def approve(app: App, edition_date: date, by: str) -> EditResult:
     """Approve the issue as it stands (idempotent)."""
     with _editable(app, edition_date) as (session, issue):
         if issue.approved_at is not None:
@@ -501,7 +500,7 @@ def approve(app: pipeline.App, edition_date: date, by: str) -> EditResult:
         return EditResult(message, _view(session, app.config, issue))
 
 
-def unapprove(app: pipeline.App, edition_date: date) -> EditResult:
+def unapprove(app: App, edition_date: date) -> EditResult:
     """Withdraw the approval (idempotent)."""
     with _editable(app, edition_date) as (session, issue):
         was = issue.approved_at is not None
@@ -543,7 +542,7 @@ def copy_addresses(addresses: Sequence[str]) -> list[str]:
 
 
 def copy_messages(
-    app: pipeline.App, edition_date: date, addresses: Sequence[str]
+    app: App, edition_date: date, addresses: Sequence[str]
 ) -> list[tuple[str, bytes, str]]:
     """(address, bytes, Message-ID) of each test copy; nothing is written.
 
@@ -554,14 +553,14 @@ def copy_messages(
     config = app.config
     renderer = Renderer(config)
     with app.sessions() as session:
-        issue, sections = pipeline.issue_sections(session, config, edition_date)
+        issue, sections = issues.issue_sections(session, config, edition_date)
         if not sections:
-            raise pipeline.nothing_to_send(config, edition_date)
+            raise issues.nothing_to_send(config, edition_date)
         subscribers = store.subscribers_by_email(session, list(addresses))
-    ctx = pipeline.issue_context(edition_date, issue)
+    ctx = issues.issue_context(edition_date, issue)
     template = renderer.edition(ctx, sections, None, subject_prefix=TEST_PREFIX)
     signer = TokenSigner(config.unsubscribe_secret, config.unsubscribe_old_secrets)
-    prefs = pipeline.preferences_signer(config)
+    prefs = issues.preferences_signer(config)
     base = config.unsubscribe.base_url
     dkim = load_signer(config.dkim)
     out = []
@@ -583,7 +582,7 @@ def copy_messages(
 
 
 def send_test_copies(
-    app: pipeline.App,
+    app: App,
     edition_date: date,
     addresses: Sequence[str],
     transports: TransportFactory | None = None,
@@ -617,7 +616,7 @@ def send_test_copies(
     return asyncio.run(deliver())
 
 
-def draft_and_copy(app: pipeline.App, edition_date: date) -> tuple[IssueView, list[SentCopy]]:
+def draft_and_copy(app: App, edition_date: date) -> tuple[IssueView, list[SentCopy]]:
     """The scheduler's draft job: freeze the draft, send a test copy to every editor."""
     view, _ = build_draft(app, edition_date)
     editors = app.config.editorial.editors

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from digest import ingest, store
 from digest.app import App, init_db, open_app, today
 from digest.dkimsign import DKIMSigner, load_signer
+from digest.editorial import check_approval
 from digest.errors import DigestError
 from digest.issues import (
     AlreadyFired,
@@ -159,8 +160,6 @@ def send(
             issue, sections = build_issue(app, renderer, edition_date, fire)
         except AlreadyFired:
             return SendReport(edition_date, "", dry_run=False, already_fired=True)
-        from digest.editorial import check_approval  # editorial builds on this module
-
         check_approval(app, issue)
         report = SendReport(edition_date, issue.subject, dry_run=False)
         with app.sessions() as session:

@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime
 
 from digest import store
 from digest.app import App
+from digest.editorial import display_status
 from digest.models import IssueStatus
 from digest.ratelimit import Limits, Pause, pause_line, relay_key, window_pause
 
@@ -77,8 +78,6 @@ def failed_deliveries(app: App, edition_date: date | None) -> list[FailedRow]:
 
 def status(app: App, limit: int = 10) -> StatusReport:
     """Recent issues with their delivery counts, and subscriber counts."""
-    from digest.editorial import display_status  # editorial builds on this module
-
     with app.sessions() as session:
         missed_dates = {m.edition_date for m in store.missed_sends(session, limit)}
         rows = [
