@@ -17,6 +17,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest import pipeline
+from digest.cli_editorial import parse_date
 from digest.config import Config, default_config_path, load_config
 from digest.errors import DigestError, UsageError
 from digest.ratelimit import pause_line
@@ -101,12 +102,7 @@ quiet_option = click.option(
 def _date(value: str | None, config: Config) -> date:
     if value is None:
         return pipeline.today(config)
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not a date; use YYYY-MM-DD", param_hint="--date"
-        ) from None
+    return parse_date(value)
 
 
 @click.group(cls=DigestGroup, context_settings={"help_option_names": ["-h", "--help"]})

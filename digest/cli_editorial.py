@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 DATE_HELP = "Edition date, YYYY-MM-DD (default: the next issue not yet sent)."
 
 
-def _parse_date(value: str) -> date:
+def parse_date(value: str) -> date:
+    """A ``--date`` value as a date; a usage error naming the option otherwise."""
     try:
         return date.fromisoformat(value)
     except ValueError:
@@ -35,7 +36,7 @@ def _parse_date(value: str) -> date:
 
 
 def _issue_date(obj: Obj, value: str | None) -> date:
-    return _parse_date(value) if value else editorial.default_date(obj.app())
+    return parse_date(value) if value else editorial.default_date(obj.app())
 
 
 def _print_view(view: editorial.IssueView, as_json: bool, approval: str) -> None:
@@ -93,7 +94,7 @@ def draft(obj: Obj, date_str: str | None, as_json: bool) -> None:
     Example: digest draft --date 2026-11-27
     """
     app = obj.app()
-    edition = _parse_date(date_str) if date_str else editorial.next_send_date(obj.config)
+    edition = parse_date(date_str) if date_str else editorial.next_send_date(obj.config)
     view, built = editorial.build_draft(app, edition)
     if not as_json:
         click.echo(f"draft of {edition} {'built' if built else 'already built'}", err=True)

@@ -36,6 +36,7 @@ from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     and_,
@@ -180,16 +181,22 @@ def claim(
     return Claim(rows, ids[-1], len(gone))
 
 
+def _held(issue_id: int, owner: str) -> tuple[ColumnElement[bool], ...]:
+    """The rows of the issue that ``owner`` claimed and has not finished (its to renew or
+    release)."""
+    return (
+        Delivery.issue_id == issue_id,
+        Delivery.owner == owner,
+        Delivery.status == DeliveryStatus.SENDING,
+    )
+
+
 def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> dict[int, str]:
     """Extend the lease of every row ``owner`` still holds; those rows' claim tokens by id."""
     with conn.begin():
         rows = conn.execute(
             update(Delivery)
-            .where(
-                Delivery.issue_id == issue_id,
-                Delivery.owner == owner,
-                Delivery.status == DeliveryStatus.SENDING,
-            )
+            .where(*_held(issue_id, owner))
             .values(lease_until=store.db_after(conn.dialect.name, lease_seconds))
             .returning(Delivery.id, Delivery.lease_token)
         ).all()
@@ -201,11 +208,7 @@ def release(conn: Connection, issue_id: int, owner: str) -> int:
     with conn.begin():
         result = conn.execute(
             update(Delivery)
-            .where(
-                Delivery.issue_id == issue_id,
-                Delivery.owner == owner,
-                Delivery.status == DeliveryStatus.SENDING,
-            )
+            .where(*_held(issue_id, owner))
             .values(status=DeliveryStatus.PENDING, owner=None, lease_token=None, lease_until=None)
         )
     return int(result.rowcount or 0)

@@ -9,8 +9,10 @@ not UTF-8, broken quoting) are found before the first write, so a bad file never
 half-imports.
 
 An import never changes a subscriber's status: an address that unsubscribed or bounced
-stays that way however often it reappears in a spreadsheet. The names of the two rooms
-are importable from here too, as callers always have.
+stays that way however often it reappears in a spreadsheet.
+
+Validation (:func:`normalize_email`, :func:`clean_name`) and the export (:func:`export_csv`,
+:func:`consent_record`) live in those two modules and are importable from here too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digest import store
 from digest.addresses import NAME_MAX, clean_name, normalize_email, printable
-from digest.addresses import EmailNormalizer as _EmailNormalizer
+from digest.addresses import EmailNormalizer as _EmailNormalizer  # one per import
 from digest.errors import UsageError
 from digest.models import SubscriberStatus
 from digest.subscriber_files import (
