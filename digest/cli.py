@@ -297,7 +297,12 @@ def unsubscribe(obj: Obj, email: str) -> None:
 
 
 @main.command()
-@click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
+@click.option(
+    "--date",
+    "date_str",
+    metavar="YYYY-MM-DD",
+    help="Edition date (default: the next issue not yet sent, else today).",
+)
 @click.option("--subscriber", metavar="EMAIL", help="Render that subscriber's edition.")
 @click.option(
     "--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="html", show_default=True
@@ -326,6 +331,8 @@ def preview(
 
     Example: digest preview --date 2026-11-27 --out roundup.html
     """
+    from digest import editorial
+
     config = obj.config
     if serve:
         from digest.web.preview import serve_preview
@@ -333,7 +340,8 @@ def preview(
         click.echo(f"digest preview: http://127.0.0.1:{port}/  (Ctrl-C to stop)", err=True)
         serve_preview(obj.app(), _date(date_str, config) if date_str else None, port)
         return
-    data = pipeline.preview(obj.app(), _date(date_str, config), subscriber, fmt)  # type: ignore[arg-type]
+    edition = parse_date(date_str) if date_str else editorial.working_date(obj.app())
+    data = pipeline.preview(obj.app(), edition, subscriber, fmt)  # type: ignore[arg-type]
     if out is None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -352,7 +360,12 @@ def preview(
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help="Edition date (default: today).")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent; send and record nothing.")
 @quiet_option
-@click.option("--test", is_flag=True, help="Send test copies to ADDRESS… only (at most 10).")
+@click.option(
+    "--test",
+    is_flag=True,
+    help="Send test copies to ADDRESS… only (at most 10); default date: the next issue "
+    "not yet sent.",
+)
 @click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
 @pass_obj
 def send(
@@ -374,13 +387,15 @@ def send(
 
     Example: digest send --date 2026-11-27
     """
-    from digest import cli_editorial
+    from digest import cli_editorial, editorial
     from digest.errors import AwaitingApproval, UsageError
     from digest.progress import meter
 
     config = obj.config
     edition = _date(date_str, config)
     if test:
+        if date_str is None:  # the draft being worked on, as `digest issue` commands
+            edition = editorial.working_date(obj.app())
         cli_editorial.send_tests(obj, edition, addresses)
         return
     if addresses:

@@ -201,6 +201,17 @@ def default_date(app: App) -> date:
     return issue.edition_date
 
 
+def working_date(app: App) -> date:
+    """The issue editors are working on: the next one not yet sent (from today on), else
+    today (the rules' selection). What ``preview`` and ``send --test`` show without
+    ``--date``: a test copy of anything but the draft would show the editor the wrong issue.
+    """
+    from_date = today(app.config)
+    with app.sessions() as session:
+        issue = store.next_unsent_issue(session, from_date)
+    return from_date if issue is None else issue.edition_date
+
+
 def _no_issue(edition_date: date) -> UsageError:
     return UsageError(
         f"no issue for {edition_date}: build its draft with `digest draft --date {edition_date}`"

@@ -245,10 +245,7 @@ def create_preview_app(app: pipeline.App, default_date: date | None = None) -> S
                 pass
         if default_date is not None:
             return default_date
-        try:
-            return editorial.default_date(app)
-        except DigestError:
-            return pipeline.today(config)
+        return editorial.working_date(app)
 
     def page(request: Request) -> Response:
         d = edition_date(request)
