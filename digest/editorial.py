@@ -101,8 +101,28 @@ def check_approval(app: App, issue: Issue) -> None:
     """
     with app.sessions() as session:
         if awaiting_approval(app.config, session, issue):
-            d = issue.edition_date
-            raise AwaitingApproval(f"issue {d} awaits approval: digest issue approve --date {d}")
+            raise _awaits(issue.edition_date)
+
+
+def _awaits(d: date) -> AwaitingApproval:
+    return AwaitingApproval(f"issue {d} awaits approval: digest issue approve --date {d}")
+
+
+def recheck_approval(config: Config, checked: Issue, fresh: Issue) -> None:
+    """Raise :class:`AwaitingApproval` when the approval a send passed its gate with
+    (``checked``: the issue as :func:`check_approval` saw it) is gone from ``fresh`` (the
+    issue read again under its row lock once the send's first claim is in).
+
+    On PostgreSQL nothing locks an issue between the gate and that claim, so an edit
+    (which withdraws the approval) or ``issue unapprove`` may commit in between; the
+    sender would then send an issue nobody approved. No message has left at that point.
+    """
+    if (
+        config.editorial.approval == "required"
+        and checked.approved_at is not None
+        and fresh.approved_at is None
+    ):
+        raise _awaits(fresh.edition_date)
 
 
 def waiting_for_approval(app: App, edition_date: date) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from digest import ingest, store
 from digest.app import App, init_db, open_app, today
 from digest.dkimsign import DKIMSigner, load_signer
-from digest.editorial import check_approval
+from digest.editorial import check_approval, recheck_approval
 from digest.errors import DigestError
 from digest.issues import (
     AlreadyFired,
@@ -240,6 +240,7 @@ def _read_final_issue(app: App, issue: Issue, editions: Editions) -> None:
         fresh = store.issue_for_date(session, issue.edition_date)
         assert fresh is not None
         session.refresh(fresh)
+        recheck_approval(app.config, issue, fresh)  # an edit since the gate withdrew it
         sections = frozen_sections(session, app.config, fresh)
         editions.refresh(issue_context(fresh.edition_date, fresh), sections)
         session.commit()

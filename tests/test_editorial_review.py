@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from digest import pipeline, store
 from digest.config import load_config
+from digest.errors import AwaitingApproval
 from digest.web.preview import create_preview_app
 from tests.conftest import Recorder, free_port
 from tests.test_editorial import (
@@ -40,6 +41,7 @@ from tests.test_editorial import (
     run,
     shown,
 )
+from tests.webutil import wait_for
 
 NOTE = "A *short* week & a [long read](https://news.example.org/long?a=1&b=2) 🦊.\n\nBye."
 READERS = ["ada@example.org", "kofi@example.org", "lin@example.org"]
@@ -392,3 +394,119 @@ def test_an_edit_during_a_real_send_on_sqlite_is_refused(tmp_path: Path, gated_s
         _, html, text = parts(m.data)
         assert "As <em>sent</em>." in html and "Too late" not in html + text
     assert shown(desk)["note"] == "As *sent*." and shown(desk)["status"] == "sent"
+
+
+def _send_in_thread(app: pipeline.App, outcome: dict[str, Any]) -> threading.Thread:
+    def send() -> None:
+        try:
+            outcome["report"] = pipeline.send(app, date.fromisoformat(D))
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def test_an_edit_during_a_real_send_on_postgresql_is_refused(
+    tmp_path: Path, gated_server: Any
+) -> None:
+    from tests.test_postgres import pg_schema
+
+    controller, server = gated_server
+    with pg_schema() as url:
+        desk = make_desk(tmp_path, controller.port, db_url=url)
+        run(desk, "draft", "--date", D)
+        run(desk, "issue", "note", "--text", "As *sent*.", "--date", D)
+        app = _open(desk)
+        outcome: dict[str, Any] = {}
+        sender = _send_in_thread(app, outcome)
+        try:
+            assert server.arrived.wait(60), "no message reached the server"
+            for args in (("note", "--text", "Too late."), ("exclude", str(EU0)), ("unapprove",)):
+                result = run(desk, "issue", *args, "--date", D)
+                assert result.exit_code == 2, result.output
+                assert f"issue {D} can no longer be changed: its sending has started" in (
+                    result.stderr
+                )
+        finally:
+            server.gate.set()
+            sender.join(120)
+            app.engine.dispose()
+        assert "error" not in outcome, outcome
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == READERS
+        for m in server.messages:
+            _, html, text = parts(m.data)
+            assert "As <em>sent</em>." in html and "Too late" not in html + text
+        assert shown(desk)["note"] == "As *sent*."
+
+
+def test_an_edit_that_withdraws_the_approval_as_a_send_starts_stops_it_on_postgresql(
+    tmp_path: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    """The send checked the approval; before its first message, an edit (which withdraws
+    the approval) commits. PostgreSQL has no send lock, so the sender reads the issue
+    again under its row lock once its first claim is in: it must then find the approval
+    gone and send nothing, rather than the edited issue nobody approved.
+
+    The edit is made by a second connection holding the issue's row lock, as
+    ``editorial._editable`` does, while the sender waits for that lock."""
+    from sqlalchemy import create_engine, text
+
+    from tests.test_postgres import pg_schema
+
+    controller, server = smtp_server
+    with pg_schema() as url:
+        desk = make_desk(tmp_path, controller.port, STRICT, db_url=url)
+        run(desk, "draft", "--date", D)
+        run(desk, "issue", "note", "--text", "The approved note.", "--date", D)
+        run(desk, "issue", "approve", "--date", D)
+        app = _open(desk)
+        editor = create_engine(app.engine.url)
+        outcome: dict[str, Any] = {}
+        try:
+            with editor.connect() as conn:
+                me = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                conn.execute(
+                    text("SELECT id FROM issues WHERE edition_date = :d FOR UPDATE"),
+                    {"d": date.fromisoformat(D)},
+                )
+                sender = _send_in_thread(app, outcome)
+
+                def sender_waits_for_us() -> bool:
+                    with editor.connect() as probe:
+                        waiting = probe.execute(
+                            text(
+                                "SELECT count(*) FROM pg_stat_activity "
+                                "WHERE :me = ANY(pg_blocking_pids(pid))"
+                            ),
+                            {"me": me},
+                        ).scalar_one()
+                    return bool(waiting)
+
+                wait_for(sender_waits_for_us, "the sender to wait for the issue's row lock")
+                # What `digest issue note` writes: a new note, the approval withdrawn.
+                conn.execute(
+                    text(
+                        "UPDATE issues SET note = 'An unapproved note.', approved_at = NULL, "
+                        "approved_by = NULL WHERE edition_date = :d"
+                    ),
+                    {"d": date.fromisoformat(D)},
+                )
+                conn.commit()
+                sender.join(120)
+        finally:
+            editor.dispose()
+            app.engine.dispose()
+        assert server.messages == [], [m.data for m in server.messages][:1]
+        assert isinstance(outcome.get("error"), AwaitingApproval), outcome
+        assert (
+            str(outcome["error"]) == f"issue {D} awaits approval: digest issue approve --date {D}"
+        )
+        # Nothing left the building: the issue is still a draft its editors may change.
+        assert shown(desk)["status"] == "draft"
+        assert run(desk, "issue", "note", "--text", "Final *note*.", "--date", D).exit_code == 0
+        run(desk, "issue", "approve", "--date", D)
+        assert run(desk, "send", "--date", D).exit_code == 0
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == READERS
+        assert all("Final <em>note</em>." in parts(m.data)[1] for m in server.messages)
