@@ -437,9 +437,17 @@ def include(app: App, edition_date: date, article_id: int, region: str | None = 
         else:
             selection.append((name, [article_id]))
         notes = []
-        earlier = store.earlier_issue_with(session, article_id, edition_date)
-        if earlier is not None:
-            notes.append(f"article {article_id} was already in the round-up of {earlier}")
+        for other, state in store.issues_with_article(session, article_id, edition_date):
+            if state == IssueStatus.READY:
+                notes.append(
+                    f"article {article_id} is also in the issue of {other} (draft): readers "
+                    "of both get it twice unless you exclude it from one"
+                )
+            else:
+                notes.append(
+                    f"article {article_id} was already in the round-up of {other} ({state}): "
+                    "readers of both get it twice unless you exclude it"
+                )
         return _commit_edit(
             app,
             session,

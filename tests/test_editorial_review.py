@@ -8,6 +8,7 @@ on loopback, real feed files; every command through click's CliRunner.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from datetime import UTC, date, datetime, timedelta
@@ -22,7 +23,7 @@ from digest import pipeline, store
 from digest.config import load_config
 from digest.errors import AwaitingApproval
 from digest.web.preview import create_preview_app
-from tests.conftest import Recorder, free_port
+from tests.conftest import Recorder, free_port, rss
 from tests.test_editorial import (
     AP0,
     AP1,
@@ -35,6 +36,7 @@ from tests.test_editorial import (
     SP1,
     STRICT,
     D,
+    feed_items,
     layout,
     make_desk,
     parts,
@@ -510,3 +512,65 @@ def test_an_edit_that_withdraws_the_approval_as_a_send_starts_stops_it_on_postgr
         assert run(desk, "send", "--date", D).exit_code == 0
         assert sorted(m.rcpt_tos[0] for m in server.messages) == READERS
         assert all("Final <em>note</em>." in parts(m.data)[1] for m in server.messages)
+
+
+# --- one article, one issue -----------------------------------------------------------------
+
+NEXT = "2026-12-04"  # the Friday after D
+
+
+def test_an_article_reaches_a_reader_twice_only_when_an_editor_chose_it_knowingly(
+    tmp_path: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    """An editor pulls next week's story into this week's issue (allowed: "any stored
+    article"); next week's draft, built by the rules before this week's issue went out,
+    must not carry it again. Including by hand an article another issue carries (sent or
+    still a draft) is allowed, with a note naming that issue."""
+    controller, server = smtp_server
+    items = feed_items()
+    for region in ("Europe", "Asia-Pacific"):
+        items.append(
+            {
+                "title": f"Next week's {region} story",
+                "link": f"/{region.lower()}/next",
+                "published": datetime(2026, 12, 2, 12, tzinfo=UTC),
+                "categories": [region],
+            }
+        )
+    desk = make_desk(tmp_path, controller.port)
+    (tmp_path / "feed.xml").write_text(rss(items), encoding="utf-8")
+    assert "2 new" in run(desk, "fetch").stdout
+    later = OLD + 1
+    run(desk, "draft", "--date", D)
+    pulled = run(desk, "issue", "include", str(later), "--date", D)
+    assert pulled.exit_code == 0 and pulled.stderr == ""  # no other issue has it yet
+    # Next week's draft is built before this week's issue is sent.
+    assert run(desk, "draft", "--date", NEXT).exit_code == 0
+    next_ids = [a["id"] for s in shown_on(desk, NEXT)["sections"] for a in s["articles"]]
+    assert later not in next_ids
+    # By hand, knowingly: the note names the other issue, sent or not.
+    again = run(desk, "issue", "include", str(later), "--date", NEXT)
+    assert again.exit_code == 0
+    assert again.stderr == (
+        f"digest: note: article {later} is also in the issue of {D} (draft): readers of "
+        "both get it twice unless you exclude it from one\n"
+    )
+    assert run(desk, "send", "--date", D).exit_code == 0
+    run(desk, "issue", "exclude", str(later), "--date", NEXT)
+    third = run(desk, "issue", "include", str(later), "--date", NEXT)
+    assert third.stderr == (
+        f"digest: note: article {later} was already in the round-up of {D} (sent): readers "
+        "of both get it twice unless you exclude it\n"
+    )
+    run(desk, "issue", "exclude", str(later), "--date", NEXT)
+    assert run(desk, "send", "--date", NEXT).exit_code == 0
+    for reader in ("ada@example.org", "kofi@example.org"):
+        copies = sum("Next week's Europe story" in parts(m.data)[2] for m in server.to(reader))
+        assert copies == 1, reader
+
+
+def shown_on(path: Path, day: str) -> dict[str, Any]:
+    result = run(path, "issue", "show", "--date", day, "--json")
+    assert result.exit_code == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data

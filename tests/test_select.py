@@ -73,7 +73,7 @@ def test_editions() -> None:
     assert edition_key(None, REGIONS) is None
 
 
-def test_articles_of_an_earlier_sent_issue_are_not_repeated(app: pipeline.App) -> None:
+def test_articles_of_another_issue_are_not_repeated(app: pipeline.App) -> None:
     config = app.config
     with app.sessions() as session:
         first = pipeline.plan_sections(session, config, date(2026, 11, 26))
@@ -86,10 +86,17 @@ def test_articles_of_an_earlier_sent_issue_are_not_repeated(app: pipeline.App) -
             datetime.now(UTC),
         )
         session.commit()
-        # A ready (never sent) issue does not hide its articles…
+        # An unsent issue hides its articles (it is on its way: a draft, a send to
+        # finish), unless its scheduled send was recorded as missed…
+        unsent = pipeline.plan_sections(session, config, date(2026, 11, 27))
+        assert not set(ids) & {a.id for s in unsent for a in s.articles}
+        store.record_missed_send(
+            session, date(2026, 11, 26), datetime(2026, 11, 26, 14, tzinfo=UTC), datetime.now(UTC)
+        )
+        session.commit()
         again = pipeline.plan_sections(session, config, date(2026, 11, 27))
         assert set(ids) <= {a.id for s in again for a in s.articles}
-        # …a sent one does.
+        # …and a sent one always does.
         store.set_issue_status(session, issue, IssueStatus.SENT, datetime.now(UTC))
         session.commit()
         later = pipeline.plan_sections(session, config, date(2026, 11, 27))

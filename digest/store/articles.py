@@ -9,7 +9,7 @@ from datetime import date, datetime
 from sqlalchemy import exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from digest.models import Article, FeedState, Issue, IssueArticle, IssueStatus
+from digest.models import Article, FeedState, Issue, IssueArticle, IssueStatus, MissedSend
 
 
 def feed_state(session: Session, url: str) -> FeedState:
@@ -32,20 +32,25 @@ def find_article(session: Session, link: str, guid: str | None) -> Article | Non
 def candidate_articles(
     session: Session, start: datetime, end: datetime, before_date: date
 ) -> list[Article]:
-    """Articles published in [start, end) that no earlier sent issue carried.
+    """Articles published in [start, end) that no other issue carries, unless that issue's
+    scheduled send was recorded as missed (its articles are free again).
 
-    An issue counts as sent from the moment its sending started: most readers have it
-    even when a few deliveries are still deferred.
+    Not only sent issues count: an unsent one is on its way (an editor's draft, a send
+    to be finished), and an editor may pull a later week's article into it (``digest
+    issue include``); a draft built before it goes out must not carry that article a
+    second time. Only an editor's explicit include puts an article into two issues, and
+    ``include`` says so.
     """
-    in_sent_issue = exists().where(
+    missed = exists().where(MissedSend.edition_date == Issue.edition_date)
+    in_other_issue = exists().where(
         IssueArticle.article_id == Article.id,
         IssueArticle.issue_id == Issue.id,
-        Issue.status.in_([IssueStatus.SENDING, IssueStatus.SENT]),
         Issue.edition_date != before_date,
+        or_(Issue.status.in_([IssueStatus.SENDING, IssueStatus.SENT]), ~missed),
     )
     stmt = (
         select(Article)
-        .where(Article.published_at >= start, Article.published_at < end, ~in_sent_issue)
+        .where(Article.published_at >= start, Article.published_at < end, ~in_other_issue)
         .order_by(Article.published_at.desc(), Article.id.desc())
     )
     return list(session.scalars(stmt))

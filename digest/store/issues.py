@@ -114,19 +114,17 @@ def next_unsent_issue(session: Session, from_date: date) -> Issue | None:
     )
 
 
-def earlier_issue_with(session: Session, article_id: int, edition_date: date) -> date | None:
-    """The date of another issue, sending or sent, that carried this article, if any."""
-    return session.scalar(
-        select(Issue.edition_date)
+def issues_with_article(
+    session: Session, article_id: int, edition_date: date
+) -> list[tuple[date, IssueStatus]]:
+    """The other issues (date, status) that carry this article, latest first."""
+    rows = session.execute(
+        select(Issue.edition_date, Issue.status)
         .join(IssueArticle, IssueArticle.issue_id == Issue.id)
-        .where(
-            IssueArticle.article_id == article_id,
-            Issue.edition_date != edition_date,
-            Issue.status.in_([IssueStatus.SENDING, IssueStatus.SENT]),
-        )
+        .where(IssueArticle.article_id == article_id, Issue.edition_date != edition_date)
         .order_by(Issue.edition_date.desc())
-        .limit(1)
     )
+    return [(d, IssueStatus(s)) for d, s in rows]
 
 
 def set_issue_status(session: Session, issue: Issue, status: IssueStatus, now: datetime) -> None:
