@@ -38,6 +38,7 @@ from digest.dkimsign import canonical_piece
 from digest.errors import RenderError
 from digest.note import render_note
 from digest.select import Section
+from digest.wrap import breakable
 
 HTML_TEMPLATE = "roundup.html.j2"
 TEXT_TEMPLATE = "roundup.txt.j2"
@@ -330,6 +331,7 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.env.filters["breakable"] = breakable
         try:
             self._html = self.env.get_template(HTML_TEMPLATE)
             self._text = self.env.get_template(TEXT_TEMPLATE)

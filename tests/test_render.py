@@ -225,9 +225,10 @@ def test_arbitrary_names_and_titles_never_break_the_message(
     )
     html = parse(raw).get_body(("html",)).get_content()
     doc = lxml.html.fromstring(html)
-    # The title came out as text, not as elements: the headline link reads exactly as the title.
-    headlines = [" ".join(a.text_content().split()) for a in doc.iter("a")]
-    assert " ".join(title.split()) in headlines
+    # The title came out as text, not as elements: the headline link reads exactly as the
+    # title (but for the zero-width break opportunities of digest/wrap.py in long words).
+    headlines = [" ".join(a.text_content().replace("\u200b", "").split()) for a in doc.iter("a")]
+    assert " ".join(title.replace("\u200b", "").split()) in headlines
     assert not list(doc.iter("script", "iframe", "object", "embed"))
 
 
