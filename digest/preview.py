@@ -24,7 +24,7 @@ from digest.issues import (
     nothing_to_send,
     preferences_signer,
 )
-from digest.models import Issue
+from digest.models import Issue, SubscriberStatus
 from digest.render import Recipient, Renderer
 from digest.select import edition_key, edition_sections
 from digest.tokens import TokenSigner
@@ -71,6 +71,11 @@ def preview(
             if sub is None:
                 raise UsageError(
                     f"--subscriber: no subscriber {addr}; see `digest subscribers list`"
+                )
+            if sub.status != SubscriberStatus.ACTIVE:  # send passes them by
+                raise NothingToSend(
+                    f"{addr} gets no email for {edition_date}: they are {sub.status} "
+                    "(only active subscribers get the round-up)"
                 )
             chosen = edition_sections(sections, edition_key(sub.regions, config.newsletter.regions))
             if not chosen:

@@ -574,3 +574,30 @@ def shown_on(path: Path, day: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+def test_the_preview_of_a_reader_who_left_says_they_get_nothing(
+    tmp_path: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    controller, server = smtp_server
+    desk = make_desk(tmp_path, controller.port)
+    run(desk, "draft", "--date", D)
+    assert run(desk, "unsubscribe", "kofi@example.org").exit_code == 0
+    result = run(desk, "preview", "--date", D, "--subscriber", "kofi@example.org")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    assert result.stderr == (
+        "digest: error: kofi@example.org gets no email for 2026-11-27: they are "
+        "unsubscribed (only active subscribers get the round-up)\n"
+    )
+    app = _open(desk)
+    try:
+        page = TestClient(create_preview_app(app, None)).get(
+            "/message", params={"date": D, "subscriber": "kofi@example.org"}
+        )
+    finally:
+        app.engine.dispose()
+    assert page.status_code == 404 and "Hello Kofi" not in page.text
+    assert "they are unsubscribed" in page.text
+    assert run(desk, "send", "--date", D).exit_code == 0
+    assert server.to("kofi@example.org") == [] and len(server.messages) == 2
