@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from digest.cli import Obj
 
 DATE_HELP = "Edition date, YYYY-MM-DD (default: the next issue not yet sent)."
+# Article ids are INTEGER columns: anything beyond fails in the database, not as a usage error.
+ARTICLE_ID = click.IntRange(1, 2**31 - 1)
 
 
 def parse_date(value: str) -> date:
@@ -124,7 +126,7 @@ def issue_show(obj: Obj, date_str: str | None, as_json: bool) -> None:
 
 
 @issue.command("lead")
-@click.argument("article_id", metavar="ID", type=int, required=False)
+@click.argument("article_id", metavar="ID", type=ARTICLE_ID, required=False)
 @click.option("--clear", is_flag=True, help="Let the rules choose again.")
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help=DATE_HELP)
 @click.pass_obj
@@ -142,7 +144,7 @@ def issue_lead(obj: Obj, article_id: int | None, clear: bool, date_str: str | No
 
 
 @issue.command("exclude")
-@click.argument("article_id", metavar="ID", type=int)
+@click.argument("article_id", metavar="ID", type=ARTICLE_ID)
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help=DATE_HELP)
 @click.pass_obj
 def issue_exclude(obj: Obj, article_id: int, date_str: str | None) -> None:
@@ -154,7 +156,7 @@ def issue_exclude(obj: Obj, article_id: int, date_str: str | None) -> None:
 
 
 @issue.command("include")
-@click.argument("article_id", metavar="ID", type=int)
+@click.argument("article_id", metavar="ID", type=ARTICLE_ID)
 @click.option("--region", help="Section to add it to (default: its own region's).")
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help=DATE_HELP)
 @click.pass_obj
@@ -168,7 +170,7 @@ def issue_include(obj: Obj, article_id: int, region: str | None, date_str: str |
 
 
 @issue.command("move")
-@click.argument("article_id", metavar="ID", type=int)
+@click.argument("article_id", metavar="ID", type=ARTICLE_ID)
 @click.option("--region", required=True, help="Section to move it to.")
 @click.option("--position", type=int, help="Place in the section, from 1 (default: last).")
 @click.option("--date", "date_str", metavar="YYYY-MM-DD", help=DATE_HELP)

@@ -291,6 +291,11 @@ def test_curation_edge_cases(tmp_path: Path, smtp_server: tuple[Controller, Reco
     for bad in ("abc", "1.5", "", "0x10"):
         result = run(desk, "issue", "exclude", bad, "--date", D)
         assert result.exit_code == 2 and "is not a valid integer" in result.stderr, bad
+    for command in ("lead", "exclude", "include", "move"):  # no id is that large
+        args = ("--region", "Europe") if command == "move" else ()
+        result = run(desk, "issue", command, "99999999999999999999", *args, "--date", D)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), command
+        assert "99999999999999999999 is not in the range 1<=x<=2147483647" in result.stderr
     for bad_date in ("27/11/2026", "2026-13-01", "2026-11-31", "tomorrow", "2026-11-27T09:00"):
         result = run(desk, "issue", "show", "--date", bad_date)
         assert result.exit_code == 2, bad_date
