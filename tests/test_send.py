@@ -198,10 +198,14 @@ def test_three_consecutive_hard_bounces_mark_the_subscriber_bounced(
         assert ok is not None and ok.status == "active" and ok.hard_bounces == 0
     # A later issue does not even try the bounced address.
     server.rcpt_replies = {}
-    # Every test article went out already; un-send the 27th so the 28th has content.
+    # Every test article went out already; un-send the 27th and record its send missed
+    # (which frees its articles for another issue) so the 28th has content.
     with app.sessions() as session:
         store.set_issue_status(
             session, store.recent_issues(session, 1)[0], IssueStatus.READY, datetime.now(UTC)
+        )
+        store.record_missed_send(
+            session, date(2026, 11, 27), datetime(2026, 11, 27, 14, tzinfo=UTC), datetime.now(UTC)
         )
         session.commit()
     later = pipeline.send(app, date(2026, 11, 28))
