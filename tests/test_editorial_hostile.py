@@ -330,3 +330,28 @@ def test_preview_serve_listens_on_loopback_only(hostile_desk: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_a_bidi_override_in_the_note_stays_in_the_note(
+    tmp_path: Path, smtp_server: tuple[Controller, Recorder]
+) -> None:
+    """Right-to-left marks and overrides are kept (Arabic and Hebrew notes need them),
+    but an unterminated override cannot turn what follows around: in HTML it ends with
+    the note's paragraph element, in text with the note's paragraph (a blank line), per
+    the Unicode bidi algorithm; the lead and the sections start their own paragraphs."""
+    _, server = smtp_server
+    path = make_desk(tmp_path, smtp_server[0].port)
+    run(path, "draft", "--date", D)
+    note = "שלום \u202bעולם\u200f and an override \u202eright to left"
+    assert run(path, "issue", "note", "--text", note, "--date", D).exit_code == 0
+    assert run(path, "send", "--test", "ed@example.org", "--date", D).exit_code == 0
+    _, html, text = parts(server.messages[0].data)
+    tree = lxml.html.document_fromstring(html)
+    holders = [e for e in tree.iter() if e.text and "\u202e" in e.text]
+    assert [e.tag for e in holders] == ["p"]
+    assert holders[0].text_content().endswith("\u202eright to left")
+    assert text.count("\u202e") == 1
+    line = next(line for line in text.split("\n") if "\u202e" in line)
+    assert line == note  # the override ends with its line
+    after = text.split(note, 1)[1]
+    assert after.startswith("\n\n") and "\u202e" not in after
