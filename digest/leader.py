@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, delete, select, text, update
+from sqlalchemy import Connection, Engine, delete, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest import store
@@ -51,7 +51,12 @@ def _timeout(conn: Connection, seconds: float) -> None:
 
 
 def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:
-    """Become the leader if the role is free or its lease ran out; the term, or None."""
+    """Become the leader if the role is free or its lease ran out; the term, or None.
+
+    A row still ours (we stepped down after failed renewals, but the lease has not run
+    out yet) starts a new term too, with a full lease: the caller trusts the term it gets
+    for two thirds of a lease from now, and an old lease may end sooner than that.
+    """
     dialect = conn.dialect.name
     with conn.begin():
         _timeout(conn, ttl / 3)
@@ -65,7 +70,10 @@ def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:
         )
         conn.execute(
             update(LeaderLease)
-            .where(LeaderLease.name == name, LeaderLease.expires_at < now)
+            .where(
+                LeaderLease.name == name,
+                or_(LeaderLease.expires_at < now, LeaderLease.leader_id == me),
+            )
             .values(leader_id=me, elected_at=now, expires_at=later)
         )
         row = conn.execute(
