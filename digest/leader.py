@@ -22,6 +22,7 @@ its ``(job, slot)`` row is unique and written with the issue (see ``pipeline.sen
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -123,6 +124,31 @@ def current_leader(conn: Connection, name: str) -> str | None:
         ).scalar_one_or_none()
 
 
+class _Exchange:
+    """One elect-or-renew round trip, in a thread of its own so a silent database cannot
+    hold up the caller; ``result`` is (term, error) once it is done."""
+
+    def __init__(self, elector: Elector, term: Term | None) -> None:
+        self.started = time.monotonic()
+        self.result: tuple[Term | None, str | None] | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(elector, term), name="digest-elector", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, elector: Elector, term: Term | None) -> None:
+        try:
+            with elector.engine.connect() as conn:
+                if term is None:
+                    self.result = (elect(conn, elector.name, elector.id, elector.ttl), None)
+                elif renew(conn, elector.name, term, elector.ttl):
+                    self.result = (term, None)
+                else:
+                    self.result = (None, None)
+        except SQLAlchemyError as exc:
+            self.result = (term, str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])
+
+
 class Elector:
     """One process's side of the election, driven by :meth:`tick` every ``ttl / 3``.
 
@@ -130,6 +156,9 @@ class Elector:
     while its renewals succeed, and trusts its term only until two thirds of the lease
     after the start of its last good renewal: it steps down (``tick`` returns False)
     before the lease can expire, so two leaders never overlap by the database's account.
+    That holds when the database does not answer at all, too (a partition: no error,
+    only silence, which no ``statement_timeout`` ends): ``tick`` waits for the round trip
+    no longer than the term can be trusted.
     """
 
     def __init__(self, engine: Engine, ttl: float, name: str = SCHEDULER) -> None:
@@ -139,6 +168,7 @@ class Elector:
         self.id = store.new_worker_id()
         self.term: Term | None = None
         self._trusted_until = 0.0
+        self._exchange: _Exchange | None = None  # a round trip under way
         self.error: str | None = None  # why the last tick failed, if it did
 
     @property
@@ -148,22 +178,30 @@ class Elector:
         return min(self.ttl / 3, 30.0)
 
     def tick(self) -> bool:
-        """Elect or renew once; True when this process is the leader afterwards."""
-        started = time.monotonic()
+        """Elect or renew once; True when this process is the leader afterwards.
+
+        Waits for the database at most until the term's trust runs out (a standby: one
+        interval). A round trip still under way from an earlier tick is waited for
+        again rather than doubled; its result counts from when it started.
+        """
         self.error = None
-        try:
-            with self.engine.connect() as conn:
-                if self.term is None:
-                    self.term = elect(conn, self.name, self.id, self.ttl)
-                elif not renew(conn, self.name, self.term, self.ttl):
-                    self.term = None
-        except SQLAlchemyError as exc:
-            self.error = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            if self.term is not None and time.monotonic() > self._trusted_until:
-                self.term = None
-            return self.term is not None and time.monotonic() <= self._trusted_until
-        if self.term is not None:
-            self._trusted_until = started + self.ttl * 2 / 3
+        if self._exchange is None:
+            self._exchange = _Exchange(self, self.term)
+        exchange = self._exchange
+        now = time.monotonic()
+        limit = self._trusted_until if self.term is not None else now + self.interval
+        exchange.thread.join(max(0.0, limit - now))
+        if exchange.result is None:
+            self.error = "the database did not answer"
+        else:
+            self._exchange = None
+            term, self.error = exchange.result
+            if self.error is None:
+                self.term = term
+                if term is not None:
+                    self._trusted_until = exchange.started + self.ttl * 2 / 3
+        if self.term is not None and time.monotonic() > self._trusted_until:
+            self.term = None  # step down: the lease may be about to run out
         return self.term is not None
 
     def resign(self) -> None:
