@@ -9,21 +9,45 @@ its own on 127.0.0.1:5432 and polls against deadlines.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from digest import pipeline, store
 from tests.conftest import Recorder
+from tests.test_faults import start
 from tests.test_postgres import PG, pg_schema
-from tests.test_scale_out import LEASE, digest_process, drain, pg_config, read_until, stop_run
+from tests.test_scale_out import (
+    LEASE,
+    ROOT,
+    digest_process,
+    drain,
+    owners_by_pid,
+    pg_config,
+    poll,
+    prepared,
+    read_until,
+    send_process,
+    sql,
+    stop_run,
+)
+from tests.test_send import D
 
 
 class FreezableProxy:
@@ -58,7 +82,11 @@ class FreezableProxy:
             self._sockets.append(client)
             if self.frozen.is_set():
                 continue  # accepted, never answered
-            upstream = socket.create_connection(self.upstream)
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
             self._sockets.append(upstream)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
@@ -76,7 +104,7 @@ class FreezableProxy:
                 if not data:
                     break
                 dst.sendall(data)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: the other direction closed it
                 break
         for s in (src, dst):
             s.close()
@@ -174,3 +202,175 @@ def test_a_leader_keeps_its_lease_while_the_ledger_is_locked(
     finally:
         stop_run(a)
         app.engine.dispose()
+
+
+# --- senders: slow, frozen and killed ------------------------------------------------------
+
+
+class HeldRecorder(Recorder):
+    """Holds the reply to each of the first ``held`` messages until ``release`` is set
+    (or ``hold_seconds`` have passed), then accepts it; later messages go straight in."""
+
+    def __init__(self, held: int, hold_seconds: float = 3600.0) -> None:
+        super().__init__()
+        self.held = held
+        self.hold_seconds = hold_seconds
+        self.release = threading.Event()
+        self.holding = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.holding < self.held:
+            self.holding += 1
+            deadline = time.monotonic() + self.hold_seconds
+            while not self.release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def received(*relays: Recorder) -> Counter[str]:
+    return Counter(r for relay in relays for m in relay.messages for r in m.rcpt_tos)
+
+
+def message_ids(address: str, *relays: Recorder) -> set[str]:
+    return {
+        str(m.message["Message-ID"])
+        for relay in relays
+        for m in relay.messages
+        if address in m.rcpt_tos
+    }
+
+
+def test_a_data_reply_slower_than_the_lease_causes_no_takeover(
+    tmp_path: Path, feed_file: Path, pg: str
+) -> None:
+    # The relay takes 2.5 leases to answer the first message on each of A's three
+    # connections (smtp.data_timeout_seconds allows 10 minutes). A's heartbeat goes on
+    # renewing meanwhile, so B, started while A waits, takes nothing over and sends
+    # nothing: no reader gets two copies.
+    relay = HeldRecorder(held=3, hold_seconds=2.5 * LEASE)
+    controller = start(relay)
+    try:
+        path = pg_config(tmp_path, pg, controller.port)
+        app, emails = prepared(path, 30)
+        a = send_process(path)
+        b = None
+        try:
+            poll(lambda: relay.holding >= 3, what="A's three connections to wait in DATA")
+            b = send_process(path)
+            out_b, err_b = b.communicate(timeout=120)
+            out_a, err_a = a.communicate(timeout=120)
+        finally:
+            for p in (a, b):
+                if p is not None and p.poll() is None:
+                    p.kill()
+        assert (a.returncode, b.returncode) == (0, 0), (err_a, err_b)
+        assert "this run: 30 sent" in out_a and "this run: 0 sent" in out_b, (out_a, out_b)
+        assert received(relay) == Counter({e: 1 for e in emails})
+        assert owners_by_pid(app.engine, "sent") == Counter({a.pid: 30})
+        app.engine.dispose()
+    finally:
+        controller.stop()
+
+
+def test_a_frozen_worker_delivers_at_most_its_in_flight_messages_twice(
+    tmp_path: Path, feed_file: Path, pg: str
+) -> None:
+    # A is frozen (SIGSTOP) while each of its three connections waits for a DATA reply;
+    # B takes its rows over after the lease and sends them. Then A's relay accepts the
+    # held messages and A thaws: those three readers have two copies (the documented
+    # window: one per SMTP connection of the frozen worker), with one Message-ID, and A
+    # records nothing over B's outcomes.
+    relay_a, relay_b = HeldRecorder(held=3), Recorder()
+    ca, cb = start(relay_a), start(relay_b)
+    try:
+        path_a = pg_config(tmp_path, pg, ca.port, name="a.toml")
+        path_b = pg_config(tmp_path, pg, cb.port, name="b.toml")
+        app, emails = prepared(path_a, 20)
+        a = send_process(path_a)
+        try:
+            poll(lambda: relay_a.holding >= 3, what="A's three connections to wait in DATA")
+            a.send_signal(signal.SIGSTOP)
+            b = send_process(path_b)
+            out_b, err_b = b.communicate(timeout=120)
+            assert b.returncode == 0, err_b
+            relay_a.release.set()
+            a.send_signal(signal.SIGCONT)
+            out_a, err_a = a.communicate(timeout=60)
+        finally:
+            if a.poll() is None:
+                a.send_signal(signal.SIGCONT)
+                a.kill()
+        assert a.returncode == 0, err_a
+        assert re.search(r"this run: 0 sent.*20 taken over by another worker", out_a), out_a
+        assert "this run: 20 sent" in out_b, out_b
+        counts = received(relay_a, relay_b)
+        assert set(counts) == set(emails)
+        twice = [e for e, n in counts.items() if n > 1]
+        assert len(twice) == 3 and all(counts[e] == 2 for e in twice)  # concurrency = 3
+        assert all(len(message_ids(e, relay_a, relay_b)) == 1 for e in twice)
+        assert owners_by_pid(app.engine, "sent") == Counter({b.pid: 20})
+        app.engine.dispose()
+    finally:
+        ca.stop()
+        cb.stop()
+
+
+_RECORD_AND_WAIT = """
+import asyncio, sys, time
+from digest import pipeline
+from digest.config import load_config
+from digest.ledger import Ledger
+from digest.models import DeliveryStatus
+from digest.send import Outcome
+
+async def main() -> None:
+    app = pipeline.open_app(load_config(sys.argv[1]))
+    ledger = Ledger(app.engine, app.sessions, int(sys.argv[2]), 60, lambda s, d: None)
+    writer = asyncio.create_task(ledger.run())
+    (row,) = ledger.claim(0, limit=1)
+    outcome = Outcome(row.delivery_id, row.subscriber_id, DeliveryStatus.SENT, 1, "<id@x>")
+    assert await ledger.record(outcome)
+    print(row.delivery_id, flush=True)
+    time.sleep(60)  # killed here, right after the (asynchronous) commit
+    await writer
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_right_after_its_asynchronous_commit_keeps_the_outcome(
+    tmp_path: Path, feed_file: Path, pg: str
+) -> None:
+    # The ledger commits with synchronous_commit = off: the server acknowledges before its
+    # log reaches the disk. That risks only a crash of the *server*; a worker killed the
+    # moment its outcome is acknowledged must find it there, or it would send again.
+    path = pg_config(tmp_path, pg, 25)
+    app, _ = prepared(path, 2)
+    issue, _ = pipeline.build_issue(app, pipeline.Renderer(app.config), D)
+    with app.sessions() as session:
+        store.create_deliveries(session, issue.id)
+        session.commit()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _RECORD_AND_WAIT, str(path), str(issue.id)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        line = worker.stdout.readline()
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
+        assert line.strip().isdigit(), worker.stderr.read() if worker.stderr else line
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    rows = sql(
+        app.engine,
+        "SELECT status, message_id, lease_token FROM deliveries WHERE id = :i",
+        i=int(line),
+    )
+    assert rows == [("sent", "<id@x>", None)]
+    app.engine.dispose()
