@@ -13,8 +13,11 @@ issue. Each is a *worker* with a unique id (``host:pid:random``) and:
   'sending'``, checking the row count. A worker whose row was taken over drops its claim
   instead of overwriting the new owner's outcome (River #1302, solid_queue #589);
 * fences itself: when its last good renewal started more than two thirds of the lease
-  ago, it opens no new SMTP transaction until a renewal succeeds, so it is quiet before
-  anyone can take its rows over (pgqueuer #430 re-picked jobs that were still running).
+  ago, it opens no new SMTP transaction until a renewal succeeds, so it starts nothing
+  once anyone could take its rows over (pgqueuer #430 re-picked jobs that were still
+  running). A transaction already under way runs to its end (DATA may take minutes,
+  and the heartbeat keeps renewing meanwhile); if the worker froze or lost the database
+  during it, the new owner sends that message too: at most one per SMTP connection.
 
 Each worker awaits the commit of a message's outcome before starting its next message, so
 a crash re-sends at most one message per SMTP connection, with the same Message-ID.
@@ -284,8 +287,10 @@ def _async_commit(conn: Connection) -> None:
     # The ledger's commits do not wait for the WAL to reach the disk: the same bargain as
     # SQLite's WAL with synchronous=NORMAL. The commit is visible to every worker at once,
     # so a crash of digest still re-sends at most one message per connection; only a
-    # crash of the database server itself may forget the last fraction of a second of
-    # outcomes, and those messages go out again with the same Message-ID. Per
+    # crash of the database server itself may forget the outcomes of its last three
+    # wal_writer_delays (0.6 s by default), and those messages go out again with the same
+    # Message-ID. A later synchronous commit (the issue's status, a bounce) flushes the
+    # log up to itself, so nothing it was based on can be forgotten. Per
     # transaction (SET LOCAL), so nothing leaks to a pooled connection.
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL synchronous_commit = off"))
