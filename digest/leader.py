@@ -45,10 +45,13 @@ class Term:
 
 
 def _timeout(conn: Connection, seconds: float) -> None:
-    # A hung statement must not keep a leader that cannot renew from stepping down.
+    # A hung statement must not keep a leader that cannot renew from stepping down, and
+    # a process cut off in the middle of this transaction must not keep the lease row
+    # locked from everyone (store.drop_if_silent).
     # SET LOCAL ends with the transaction: nothing is left on a pooled connection.
     if conn.dialect.name == "postgresql":
         conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
+        store.drop_if_silent(conn, seconds)
 
 
 def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:

@@ -66,6 +66,8 @@ T = TypeVar("T")
 CLAIM_BATCH = 200
 # How often a worker with nothing left to claim looks again while others hold rows.
 WAIT_POLL_MAX = 1.0
+# A claim whose client is silent this long is ended by the server (see store.drop_if_silent).
+CLAIM_SILENT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,8 @@ def claim(
         pick = pick.with_for_update(skip_locked=True)
     with conn.begin():
         _async_commit(conn)
+        # Cut off mid-claim, we would keep these rows locked (and skipped by everyone).
+        store.drop_if_silent(conn, min(CLAIM_SILENT_SECONDS, lease_seconds / 3))
         ids = list(conn.execute(pick).scalars())
         if not ids:
             return Claim([], None)

@@ -49,6 +49,9 @@ RESERVE_SECONDS = 0.5
 RESERVE_MAX = 50
 # How often a worker that is not limited looks whether another one got throttled.
 REFRESH_SECONDS = 1.0
+# A reservation whose client is silent this long is ended by the server (a partition),
+# so the relay's row lock is not held from everyone (see ``store.drop_if_silent``).
+SILENT_SECONDS = 5.0
 
 HOUR, DAY = 60, 1440  # window lengths in minutes
 
@@ -140,6 +143,8 @@ def _effective_rate(row: RelayLimit, limits: Limits, now: float) -> float | None
 def _locked_row(conn: Connection, relay: str) -> tuple[RelayLimit, float]:
     """The relay's row, locked until the transaction ends, and the database's time."""
     dialect = conn.dialect.name
+    # Every worker needs this row: a holder cut off mid-reservation must not keep it.
+    store.drop_if_silent(conn, SILENT_SECONDS)
     # Also what takes SQLite's write lock at once, so the read below cannot go stale.
     conn.execute(
         store.insert_ignore(dialect, RelayLimit, {"relay": relay, "tat": 0.0, "throttles": 0})

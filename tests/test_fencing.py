@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from aiosmtpd.controller import Controller
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -374,3 +375,96 @@ def test_a_worker_killed_right_after_its_asynchronous_commit_keeps_the_outcome(
     )
     assert rows == [("sent", "<id@x>", None)]
     app.engine.dispose()
+
+
+# --- locks held by a silent client -----------------------------------------------------------
+
+
+def _within(seconds: float, fn: Any) -> bool:
+    """Run ``fn`` in a thread; True when it returned within ``seconds``."""
+    done = threading.Event()
+
+    def run() -> None:
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+def test_a_worker_cut_off_mid_reservation_does_not_hold_up_the_others(
+    pg: str, proxy: FreezableProxy
+) -> None:
+    # A worker is partitioned from the database in the middle of a reservation, holding
+    # the relay's row lock. The server cannot tell silence from slowness: without a bound
+    # it keeps the lock until its TCP keepalive gives up (two hours by default) and every
+    # other worker's reservation waits as long.
+    from digest import ratelimit
+
+    engine = store.open_engine(pg)
+    store.migrate(engine)
+    cut_off = store.open_engine(proxy.url(pg))
+    conn = None
+    try:
+        conn = cut_off.connect()
+        conn.begin()
+        ratelimit._locked_row(conn, "relay:25")
+        proxy.frozen.set()
+        granted: list[int] = []
+
+        def reserve() -> None:
+            with engine.connect() as other:
+                granted.append(ratelimit.reserve(other, "relay:25", ratelimit.Limits(1), 1).count)
+
+        assert _within(30, reserve), "the silent worker's lock held every other worker up"
+        assert granted == [1]
+    finally:
+        proxy.close()
+        if conn is not None:
+            conn.invalidate()  # its session is gone: nothing to roll back
+        cut_off.dispose()
+        engine.dispose()
+
+
+def test_a_runner_cut_off_mid_election_does_not_leave_the_role_locked(
+    pg: str, proxy: FreezableProxy
+) -> None:
+    # A standby is partitioned while its election holds the lease row: the leader's
+    # renewals time out, and nobody can be elected until the server drops the session.
+    from digest import leader
+    from digest.models import LeaderLease
+
+    engine = store.open_engine(pg)
+    store.migrate(engine)
+    cut_off = store.open_engine(proxy.url(pg))
+    conn = None
+    ttl = 3.0
+    try:
+        first = leader.Elector(engine, ttl)
+        assert first.tick()
+        conn = cut_off.connect()
+        conn.begin()
+        leader._timeout(conn, ttl / 3)  # as elect() starts its transaction
+        conn.execute(
+            sqlalchemy.update(LeaderLease)
+            .where(LeaderLease.name == leader.SCHEDULER)
+            .values(expires_at=store.db_after("postgresql", ttl))
+        )
+        proxy.frozen.set()
+        # Someone renews or is elected within a few leases: the role is not locked for
+        # hours. (A tick that failed but is still within its trust does not count.)
+        other = leader.Elector(engine, ttl)
+
+        def renewed(e: leader.Elector) -> bool:
+            return e.tick() and e.error is None
+
+        deadline = time.monotonic() + 30
+        while not (renewed(first) or renewed(other)):
+            assert time.monotonic() < deadline, "nobody could lead: the lease row stayed locked"
+            time.sleep(0.1)
+    finally:
+        proxy.close()
+        if conn is not None:
+            conn.invalidate()  # its session is gone: nothing to roll back
+        cut_off.dispose()
+        engine.dispose()
