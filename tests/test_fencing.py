@@ -468,3 +468,61 @@ def test_a_runner_cut_off_mid_election_does_not_leave_the_role_locked(
             conn.invalidate()  # its session is gone: nothing to roll back
         cut_off.dispose()
         engine.dispose()
+
+
+# --- claims racing ---------------------------------------------------------------------------
+
+
+def test_due_retries_and_expired_leases_go_to_one_worker_each_however_many_race(
+    tmp_path: Path, feed_file: Path, pg: str
+) -> None:
+    # Half the rows are deferred with their retry time come, half are `sending` under a
+    # lease that ran out: the two kinds another worker's claim takes over. Eight workers
+    # race for them in small claims (SKIP LOCKED, each rechecking what it locked).
+    from digest import ledger
+
+    path = pg_config(tmp_path, pg, 25)
+    app, _ = prepared(path, 400)
+    issue, _ = pipeline.build_issue(app, pipeline.Renderer(app.config), D)
+    with app.sessions() as session:
+        store.create_deliveries(session, issue.id)
+        session.commit()
+    with app.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE deliveries SET status = 'deferred', attempts = 1, next_attempt_at = "
+                "timezone('UTC', clock_timestamp()) - interval '1 minute' WHERE id % 2 = 0"
+            )
+        )
+        conn.execute(
+            text(
+                "UPDATE deliveries SET status = 'sending', owner = 'dead:1:x', lease_token = 't',"
+                " lease_until = timezone('UTC', clock_timestamp()) - interval '1 second'"
+                " WHERE id % 2 = 1"
+            )
+        )
+    claimed: dict[str, list[int]] = {}
+    start_line = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        me = f"w:{n}:x"
+        got: list[int] = []
+        with app.engine.connect() as conn:
+            start_line.wait()
+            while True:
+                rows = ledger.claim(conn, issue.id, 0, 7, me, f"t{n}", 60).rows
+                if not rows:
+                    break
+                got += [r.delivery_id for r in rows]
+        claimed[me] = got
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [i for got in claimed.values() for i in got]
+    assert len(every) == len(set(every)) == 400  # each row once, none left
+    owners = dict(sql(app.engine, "SELECT owner, count(*) FROM deliveries GROUP BY owner"))
+    assert owners == {me: len(got) for me, got in claimed.items() if got}
+    app.engine.dispose()
