@@ -201,6 +201,7 @@ def _held(issue_id: int, owner: str) -> tuple[ColumnElement[bool], ...]:
 def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> dict[int, str]:
     """Extend the lease of every row ``owner`` still holds; those rows' claim tokens by id."""
     with conn.begin():
+        store.drop_if_silent(conn, min(CLAIM_SILENT_SECONDS, lease_seconds / 3))
         rows = conn.execute(
             update(Delivery)
             .where(*_held(issue_id, owner))
@@ -213,6 +214,7 @@ def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> 
 def release(conn: Connection, issue_id: int, owner: str) -> int:
     """Give ``owner``'s unsent claims back to the pool (pending, no owner)."""
     with conn.begin():
+        store.drop_if_silent(conn, CLAIM_SILENT_SECONDS)
         result = conn.execute(
             update(Delivery)
             .where(*_held(issue_id, owner))
