@@ -22,11 +22,12 @@ its ``(job, slot)`` row is unique and written with the issue (see ``pipeline.sen
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, delete, select, text, update
+from sqlalchemy import Connection, Engine, delete, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from digest import store
@@ -44,14 +45,22 @@ class Term:
 
 
 def _timeout(conn: Connection, seconds: float) -> None:
-    # A hung statement must not keep a leader that cannot renew from stepping down.
+    # A hung statement must not keep a leader that cannot renew from stepping down, and
+    # a process cut off in the middle of this transaction must not keep the lease row
+    # locked from everyone (store.drop_if_silent).
     # SET LOCAL ends with the transaction: nothing is left on a pooled connection.
     if conn.dialect.name == "postgresql":
         conn.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
+        store.drop_if_silent(conn, seconds)
 
 
 def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:
-    """Become the leader if the role is free or its lease ran out; the term, or None."""
+    """Become the leader if the role is free or its lease ran out; the term, or None.
+
+    A row still ours (we stepped down after failed renewals, but the lease has not run
+    out yet) starts a new term too, with a full lease: the caller trusts the term it gets
+    for two thirds of a lease from now, and an old lease may end sooner than that.
+    """
     dialect = conn.dialect.name
     with conn.begin():
         _timeout(conn, ttl / 3)
@@ -65,7 +74,10 @@ def elect(conn: Connection, name: str, me: str, ttl: float) -> Term | None:
         )
         conn.execute(
             update(LeaderLease)
-            .where(LeaderLease.name == name, LeaderLease.expires_at < now)
+            .where(
+                LeaderLease.name == name,
+                or_(LeaderLease.expires_at < now, LeaderLease.leader_id == me),
+            )
             .values(leader_id=me, elected_at=now, expires_at=later)
         )
         row = conn.execute(
@@ -115,6 +127,31 @@ def current_leader(conn: Connection, name: str) -> str | None:
         ).scalar_one_or_none()
 
 
+class _Exchange:
+    """One elect-or-renew round trip, in a thread of its own so a silent database cannot
+    hold up the caller; ``result`` is (term, error) once it is done."""
+
+    def __init__(self, elector: Elector, term: Term | None) -> None:
+        self.started = time.monotonic()
+        self.result: tuple[Term | None, str | None] | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(elector, term), name="digest-elector", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, elector: Elector, term: Term | None) -> None:
+        try:
+            with elector.engine.connect() as conn:
+                if term is None:
+                    self.result = (elect(conn, elector.name, elector.id, elector.ttl), None)
+                elif renew(conn, elector.name, term, elector.ttl):
+                    self.result = (term, None)
+                else:
+                    self.result = (None, None)
+        except SQLAlchemyError as exc:
+            self.result = (term, str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])
+
+
 class Elector:
     """One process's side of the election, driven by :meth:`tick` every ``ttl / 3``.
 
@@ -122,6 +159,9 @@ class Elector:
     while its renewals succeed, and trusts its term only until two thirds of the lease
     after the start of its last good renewal: it steps down (``tick`` returns False)
     before the lease can expire, so two leaders never overlap by the database's account.
+    That holds when the database does not answer at all, too (a partition: no error,
+    only silence, which no ``statement_timeout`` ends): ``tick`` waits for the round trip
+    no longer than the term can be trusted.
     """
 
     def __init__(self, engine: Engine, ttl: float, name: str = SCHEDULER) -> None:
@@ -131,6 +171,7 @@ class Elector:
         self.id = store.new_worker_id()
         self.term: Term | None = None
         self._trusted_until = 0.0
+        self._exchange: _Exchange | None = None  # a round trip under way
         self.error: str | None = None  # why the last tick failed, if it did
 
     @property
@@ -140,22 +181,30 @@ class Elector:
         return min(self.ttl / 3, 30.0)
 
     def tick(self) -> bool:
-        """Elect or renew once; True when this process is the leader afterwards."""
-        started = time.monotonic()
+        """Elect or renew once; True when this process is the leader afterwards.
+
+        Waits for the database at most until the term's trust runs out (a standby: one
+        interval). A round trip still under way from an earlier tick is waited for
+        again rather than doubled; its result counts from when it started.
+        """
         self.error = None
-        try:
-            with self.engine.connect() as conn:
-                if self.term is None:
-                    self.term = elect(conn, self.name, self.id, self.ttl)
-                elif not renew(conn, self.name, self.term, self.ttl):
-                    self.term = None
-        except SQLAlchemyError as exc:
-            self.error = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            if self.term is not None and time.monotonic() > self._trusted_until:
-                self.term = None
-            return self.term is not None and time.monotonic() <= self._trusted_until
-        if self.term is not None:
-            self._trusted_until = started + self.ttl * 2 / 3
+        if self._exchange is None:
+            self._exchange = _Exchange(self, self.term)
+        exchange = self._exchange
+        now = time.monotonic()
+        limit = self._trusted_until if self.term is not None else now + self.interval
+        exchange.thread.join(max(0.0, limit - now))
+        if exchange.result is None:
+            self.error = "the database did not answer"
+        else:
+            self._exchange = None
+            term, self.error = exchange.result
+            if self.error is None:
+                self.term = term
+                if term is not None:
+                    self._trusted_until = exchange.started + self.ttl * 2 / 3
+        if self.term is not None and time.monotonic() > self._trusted_until:
+            self.term = None  # step down: the lease may be about to run out
         return self.term is not None
 
     def resign(self) -> None:

@@ -13,8 +13,11 @@ issue. Each is a *worker* with a unique id (``host:pid:random``) and:
   'sending'``, checking the row count. A worker whose row was taken over drops its claim
   instead of overwriting the new owner's outcome (River #1302, solid_queue #589);
 * fences itself: when its last good renewal started more than two thirds of the lease
-  ago, it opens no new SMTP transaction until a renewal succeeds, so it is quiet before
-  anyone can take its rows over (pgqueuer #430 re-picked jobs that were still running).
+  ago, it opens no new SMTP transaction until a renewal succeeds, so it starts nothing
+  once anyone could take its rows over (pgqueuer #430 re-picked jobs that were still
+  running). A transaction already under way runs to its end (DATA may take minutes,
+  and the heartbeat keeps renewing meanwhile); if the worker froze or lost the database
+  during it, the new owner sends that message too: at most one per SMTP connection.
 
 Each worker awaits the commit of a message's outcome before starting its next message, so
 a crash re-sends at most one message per SMTP connection, with the same Message-ID.
@@ -63,6 +66,8 @@ T = TypeVar("T")
 CLAIM_BATCH = 200
 # How often a worker with nothing left to claim looks again while others hold rows.
 WAIT_POLL_MAX = 1.0
+# A claim whose client is silent this long is ended by the server (see store.drop_if_silent).
+CLAIM_SILENT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,8 @@ def claim(
         pick = pick.with_for_update(skip_locked=True)
     with conn.begin():
         _async_commit(conn)
+        # Cut off mid-claim, we would keep these rows locked (and skipped by everyone).
+        store.drop_if_silent(conn, min(CLAIM_SILENT_SECONDS, lease_seconds / 3))
         ids = list(conn.execute(pick).scalars())
         if not ids:
             return Claim([], None)
@@ -194,6 +201,7 @@ def _held(issue_id: int, owner: str) -> tuple[ColumnElement[bool], ...]:
 def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> dict[int, str]:
     """Extend the lease of every row ``owner`` still holds; those rows' claim tokens by id."""
     with conn.begin():
+        store.drop_if_silent(conn, min(CLAIM_SILENT_SECONDS, lease_seconds / 3))
         rows = conn.execute(
             update(Delivery)
             .where(*_held(issue_id, owner))
@@ -206,6 +214,7 @@ def renew(conn: Connection, issue_id: int, owner: str, lease_seconds: float) -> 
 def release(conn: Connection, issue_id: int, owner: str) -> int:
     """Give ``owner``'s unsent claims back to the pool (pending, no owner)."""
     with conn.begin():
+        store.drop_if_silent(conn, CLAIM_SILENT_SECONDS)
         result = conn.execute(
             update(Delivery)
             .where(*_held(issue_id, owner))
@@ -284,8 +293,10 @@ def _async_commit(conn: Connection) -> None:
     # The ledger's commits do not wait for the WAL to reach the disk: the same bargain as
     # SQLite's WAL with synchronous=NORMAL. The commit is visible to every worker at once,
     # so a crash of digest still re-sends at most one message per connection; only a
-    # crash of the database server itself may forget the last fraction of a second of
-    # outcomes, and those messages go out again with the same Message-ID. Per
+    # crash of the database server itself may forget the outcomes of its last three
+    # wal_writer_delays (0.6 s by default), and those messages go out again with the same
+    # Message-ID. A later synchronous commit (the issue's status, a bounce) flushes the
+    # log up to itself, so nothing it was based on can be forgotten. Per
     # transaction (SET LOCAL), so nothing leaks to a pooled connection.
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL synchronous_commit = off"))

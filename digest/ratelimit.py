@@ -7,7 +7,9 @@ process, so they hold across every ``digest send`` on every host and survive res
 * one ``relay_limits`` row per relay, locked for the few milliseconds of a reservation;
 * per-second smoothing by GCRA (the row keeps one "theoretical arrival time"): at most the
   rate in any one-second window, beyond a burst of ``concurrency``;
-* rolling hour and day windows counted per minute in ``relay_usage``;
+* rolling hour and day windows counted per minute in ``relay_usage``: a window also
+  counts the minute that began a whole window ago, since a message counted in it may
+  have gone out in its last second (the relay counts it for a whole window from then);
 * a worker reserves a few tokens at a time and never gives any back, so a crash can only
   make digest send *less* than the limit allows, never more;
 * a throttling reply halves the rate of every worker (at most once a second, so the
@@ -47,6 +49,9 @@ RESERVE_SECONDS = 0.5
 RESERVE_MAX = 50
 # How often a worker that is not limited looks whether another one got throttled.
 REFRESH_SECONDS = 1.0
+# A reservation whose client is silent this long is ended by the server (a partition),
+# so the relay's row lock is not held from everyone (see ``store.drop_if_silent``).
+SILENT_SECONDS = 5.0
 
 HOUR, DAY = 60, 1440  # window lengths in minutes
 
@@ -138,6 +143,8 @@ def _effective_rate(row: RelayLimit, limits: Limits, now: float) -> float | None
 def _locked_row(conn: Connection, relay: str) -> tuple[RelayLimit, float]:
     """The relay's row, locked until the transaction ends, and the database's time."""
     dialect = conn.dialect.name
+    # Every worker needs this row: a holder cut off mid-reservation must not keep it.
+    store.drop_if_silent(conn, SILENT_SECONDS)
     # Also what takes SQLite's write lock at once, so the read below cannot go stale.
     conn.execute(
         store.insert_ignore(dialect, RelayLimit, {"relay": relay, "tat": 0.0, "throttles": 0})
@@ -159,9 +166,12 @@ def _locked_row(conn: Connection, relay: str) -> tuple[RelayLimit, float]:
 
 
 def _window_usage(conn: Connection, relay: str, minute: int, length: int) -> list[tuple[int, int]]:
+    # ``length + 1`` buckets: the oldest one's messages may be less than ``length``
+    # minutes old (sent late in that minute), so it still counts until it has ended
+    # ``length`` minutes ago. Counting too long only under-sends; too short over-sends.
     rows = conn.execute(
         select(RelayUsage.minute, RelayUsage.count)
-        .where(RelayUsage.relay == relay, RelayUsage.minute > minute - length)
+        .where(RelayUsage.relay == relay, RelayUsage.minute >= minute - length)
         .order_by(RelayUsage.minute)
     )
     return [(int(m), int(c)) for m, c in rows]
@@ -189,7 +199,8 @@ def _room(
             for m, c in buckets:
                 freed += c
                 if freed >= excess:
-                    resumes = datetime.fromtimestamp((m + length) * 60, UTC)
+                    # Minute m falls out of the window once it ended ``length`` minutes ago.
+                    resumes = datetime.fromtimestamp((m + 1 + length) * 60, UTC)
                     if pause is None or resumes > pause.resumes_at:
                         pause = Pause(window, limit, resumes)  # type: ignore[arg-type]
                     break
@@ -212,7 +223,7 @@ def _count_usage(conn: Connection, relay: str, now: float, n: int) -> None:
             )
         )
     conn.execute(
-        delete(RelayUsage).where(RelayUsage.relay == relay, RelayUsage.minute <= minute - DAY)
+        delete(RelayUsage).where(RelayUsage.relay == relay, RelayUsage.minute < minute - DAY)
     )
 
 

@@ -314,17 +314,22 @@ def _run_elected(
         elector.resign()
 
 
-def _join_open_send(config: Config, engine: Engine, prefix: str) -> threading.Thread | None:
-    """Start working on a send another process has under way, if there is one."""
-    try:
-        with engine.connect() as conn:
-            dates = joinable_sends(conn, prefix)
-    except SQLAlchemyError:
-        return None  # the database is unreachable: the next tick tries again
-    if not dates:
-        return None
-    thread = threading.Thread(
-        target=join_send, args=(str(config.path), dates[-1]), name="digest-join", daemon=True
-    )
+def _join_open_send(config: Config, engine: Engine, prefix: str) -> threading.Thread:
+    """Look, in a thread, for a send another process has under way, and work on it.
+
+    In a thread, not in the election loop: a database that stops answering must not
+    keep the loop from ticking, or a leader cut off from it would lead on past its lease.
+    """
+
+    def look_and_join() -> None:
+        try:
+            with engine.connect() as conn:
+                dates = joinable_sends(conn, prefix)
+        except SQLAlchemyError:
+            return  # the database is unreachable: the next tick tries again
+        if dates:
+            join_send(str(config.path), dates[-1])
+
+    thread = threading.Thread(target=look_and_join, name="digest-join", daemon=True)
     thread.start()
     return thread

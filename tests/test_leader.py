@@ -87,3 +87,25 @@ def test_a_leader_that_cannot_renew_steps_down_before_its_lease_expires(
     poll(lambda: not a.tick())
     assert a.term is None and a.error and time.monotonic() > a._trusted_until
     a.engine.dispose()
+
+
+def test_a_leader_elected_again_while_its_old_lease_runs_gets_a_lease_for_its_trust(
+    engine: Engine,
+) -> None:
+    ttl = 3.0
+    a, b = Elector(engine, ttl), Elector(engine, ttl)
+    assert a.tick()
+    reachable = a.engine
+    # A loses the database for a while and steps down (two thirds of the lease)...
+    a.engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    poll(lambda: not a.tick())
+    a.engine.dispose()
+    a.engine = reachable
+    # ...and gets it back while its old lease is still valid: it leads again, and trusts
+    # its term for two thirds of a lease from now. The database must agree: no one else
+    # may be elected before that trust runs out (else two processes schedule at once).
+    poll(a.tick)  # (a round trip still under way from before may fail first)
+    while time.monotonic() <= a._trusted_until:
+        if b.tick():
+            assert time.monotonic() > a._trusted_until, "B elected while A still leads"
+        time.sleep(0.05)

@@ -41,10 +41,10 @@ def test_hourly_quota_is_shared_and_survives_a_restart(engine: Engine) -> None:
         grant = ratelimit.reserve(conn, RELAY, limits, 5)
         assert grant.count == 0 and grant.pause is not None
         assert grant.pause.window == "hourly" and grant.pause.limit == 100
-        # Everything was used within this minute, so it all falls out of the window an
-        # hour after this minute began.
+        # Everything was used within this minute (perhaps in its last second), so it
+        # all falls out of the window an hour after this minute ends.
         now = datetime.fromtimestamp(grant.now, UTC)
-        assert timedelta(minutes=59) <= grant.pause.resumes_at - now <= timedelta(minutes=60)
+        assert timedelta(minutes=60) <= grant.pause.resumes_at - now <= timedelta(minutes=61)
         assert ratelimit.usage(conn, RELAY, 60) == 100
         assert ratelimit.window_pause(conn, RELAY, limits) == grant.pause
         # Another relay (or account) has its own budget.
@@ -179,3 +179,29 @@ async def test_a_throttle_seen_by_one_worker_slows_the_others(engine: Engine) ->
     finally:
         a.close()
         b.close()
+
+
+def test_the_rolling_hour_counts_a_message_for_a_whole_hour(engine: Engine) -> None:
+    # 100 messages reserved in the last second of a minute: the relay counts them for a
+    # full hour from then, so the window must not reopen when their minute turns 60 min
+    # old (59 min 0.5 s later) but only once they are an hour old.
+    limits = Limits(per_hour=100, per_day=1000)
+    minute = 29_000_000  # a minute in 2025, as epoch seconds // 60
+    sent = minute * 60 + 59.5
+    with engine.connect() as conn:
+        with conn.begin():
+            ratelimit._count_usage(conn, RELAY, sent, 100)
+        for later in (3540.5, 3599.0):  # still within the hour after the send
+            with conn.begin():
+                room, pause = ratelimit._room(conn, RELAY, limits, sent + later)
+            assert room == 0, later
+            assert pause is not None and pause.resumes_at.timestamp() >= sent + 3600
+        with conn.begin():
+            room, pause = ratelimit._room(conn, RELAY, limits, sent + 3600.5)
+        assert room == 100 and pause is None  # an hour later the window has reopened
+        # The day window keeps them for a whole day too (23 h 59 min 0.5 s later they
+        # still count), and the clean-up does not drop their bucket early.
+        with conn.begin():
+            ratelimit._count_usage(conn, RELAY, sent + 86_340.5, 1)  # 23 h 59 min later
+            room, _ = ratelimit._room(conn, RELAY, Limits(per_day=101), sent + 86_340.5)
+        assert room == 0

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, inspect, literal, text
+from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, literal, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -140,6 +140,21 @@ def check_schema(engine: Engine) -> None:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def drop_if_silent(conn: Connection, seconds: float) -> None:
+    """PostgreSQL: end this transaction if its client goes silent for ``seconds`` in it.
+
+    For the short transactions that lock rows every worker needs (the relay's limit row,
+    the leader's lease, a claim): a host cut off from the database in the middle of one
+    (a partition: no error, no closed connection) would otherwise keep its locks until the
+    server's TCP keepalive gives up, two hours by default, and everyone else would wait.
+    Its own statements follow each other within milliseconds. ``SET LOCAL``: nothing is
+    left on a pooled connection (PgBouncer in transaction mode is fine).
+    """
+    if conn.dialect.name == "postgresql":
+        ms = max(1, int(seconds * 1000))
+        conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
 
 
 def insert_ignore(dialect: str, model: type[Base], values: dict[str, Any]) -> Any:
